@@ -1,0 +1,169 @@
+//! Command-line interface: clap definitions with an environment variable for every flag, and
+//! their conversion into a validated [`Config`].
+
+use crate::config::{self, Config, ConfigError, LogFormat};
+use clap::{Args, Parser, Subcommand};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// roam: an HTTP/1.1 file server for devices whose connections break.
+#[derive(Debug, Parser)]
+#[command(name = "roam", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a folder: `GET /` mints a client ID, `GET /{id}/{path}` resumes that client's
+    /// download of `path` exactly where its TCP connection left off.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Folder to serve.
+    #[arg(long, env = "ROAM_ROOT", default_value = config::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Address to listen on, HOST:PORT (port 0 picks a free port).
+    #[arg(long, env = "ROAM_LISTEN", default_value = config::DEFAULT_LISTEN)]
+    pub listen: String,
+    /// Log format (the level comes from RUST_LOG, default info).
+    #[arg(long, env = "ROAM_LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+    /// Most connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "ROAM_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Listen backlog (capped by net.core.somaxconn).
+    #[arg(long, env = "ROAM_BACKLOG", default_value_t = config::DEFAULT_BACKLOG)]
+    pub backlog: u32,
+    /// Time to receive a whole request head once it has started (e.g. 10s).
+    #[arg(long, env = "ROAM_HEADER_TIMEOUT", value_parser = duration, default_value = "10s")]
+    pub header_timeout: Duration,
+    /// Time an idle keep-alive connection waits for its next request.
+    #[arg(long, env = "ROAM_IDLE_TIMEOUT", value_parser = duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+    /// Time a response may make no progress before the peer is considered gone.
+    #[arg(long, env = "ROAM_WRITE_STALL_TIMEOUT", value_parser = duration, default_value = "30s")]
+    pub write_stall_timeout: Duration,
+    /// TCP_USER_TIMEOUT: how long the kernel retransmits unacknowledged data before giving up.
+    #[arg(long, env = "ROAM_TCP_USER_TIMEOUT", value_parser = duration, default_value = "45s")]
+    pub tcp_user_timeout: Duration,
+    /// Idle time before TCP keepalive probes start.
+    #[arg(long, env = "ROAM_TCP_KEEPALIVE", value_parser = duration, default_value = "30s")]
+    pub tcp_keepalive: Duration,
+    /// TCP_NOTSENT_LOWAT in bytes: how much unsent data may wait in the socket, which bounds
+    /// the gap between bytes written and bytes acknowledged.
+    #[arg(long, env = "ROAM_NOTSENT_LOWAT", default_value_t = config::DEFAULT_NOTSENT_LOWAT)]
+    pub notsent_lowat: u32,
+    /// Forget download sessions idle for longer than this.
+    #[arg(long, env = "ROAM_SESSION_TTL", value_parser = duration, default_value = "24h")]
+    pub session_ttl: Duration,
+    /// Most (client, file) sessions tracked at once; past it new sessions get 503.
+    #[arg(long, env = "ROAM_MAX_SESSIONS", default_value_t = config::DEFAULT_MAX_SESSIONS)]
+    pub max_sessions: usize,
+    /// After SIGINT/SIGTERM, how long connections get to record progress and close.
+    #[arg(long, env = "ROAM_SHUTDOWN_TIMEOUT", value_parser = duration, default_value = "10s")]
+    pub shutdown_timeout: Duration,
+    /// Record confirmed progress at least every this many bytes sent.
+    #[arg(long, env = "ROAM_PROGRESS_INTERVAL", default_value_t = config::DEFAULT_PROGRESS_INTERVAL)]
+    pub progress_interval: u64,
+    /// Longest request line, in bytes (414 beyond).
+    #[arg(long, env = "ROAM_MAX_REQUEST_LINE", default_value_t = config::DEFAULT_MAX_REQUEST_LINE)]
+    pub max_request_line: usize,
+    /// Largest request head, in bytes (431 beyond).
+    #[arg(long, env = "ROAM_MAX_HEAD", default_value_t = config::DEFAULT_MAX_HEAD)]
+    pub max_head: usize,
+    /// Most request header fields (431 beyond).
+    #[arg(long, env = "ROAM_MAX_HEADERS", default_value_t = config::DEFAULT_MAX_HEADERS)]
+    pub max_headers: usize,
+    /// Serve files and folders whose names start with a dot (refused by default).
+    #[arg(long, env = "ROAM_ALLOW_DOTFILES")]
+    pub allow_dotfiles: bool,
+    /// File holding the secret that keys client IDs (at least 16 bytes). Servers sharing it
+    /// accept each other's IDs; without it IDs are valid until the process exits.
+    #[arg(long, env = "ROAM_ID_SECRET_FILE")]
+    pub id_secret_file: Option<PathBuf>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 5m, 24h)"))
+}
+
+impl ServeArgs {
+    /// Resolves the listen address, reads the secret and validates everything.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let listen = resolve(&self.listen)?;
+        let id_secret = match &self.id_secret_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                ConfigError(format!(
+                    "cannot read --id-secret-file {}: {e}",
+                    path.display()
+                ))
+            })?),
+            None => None,
+        };
+        let mut config = Config::new(self.root, listen);
+        config.max_connections = self.max_connections;
+        config.backlog = self.backlog;
+        config.header_timeout = self.header_timeout;
+        config.idle_timeout = self.idle_timeout;
+        config.write_stall_timeout = self.write_stall_timeout;
+        config.tcp_user_timeout = self.tcp_user_timeout;
+        config.tcp_keepalive = self.tcp_keepalive;
+        config.notsent_lowat = self.notsent_lowat;
+        config.session_ttl = self.session_ttl;
+        config.max_sessions = self.max_sessions;
+        config.shutdown_timeout = self.shutdown_timeout;
+        config.progress_interval = self.progress_interval;
+        config.limits.max_request_line = self.max_request_line;
+        config.limits.max_head = self.max_head;
+        config.limits.max_headers = self.max_headers;
+        config.allow_dotfiles = self.allow_dotfiles;
+        config.id_secret = id_secret;
+        config.validate()
+    }
+}
+
+fn resolve(listen: &str) -> Result<SocketAddr, ConfigError> {
+    listen
+        .to_socket_addrs()
+        .map_err(|e| ConfigError(format!("--listen {listen:?}: {e} (expected HOST:PORT)")))?
+        .next()
+        .ok_or_else(|| ConfigError(format!("--listen {listen:?} resolves to no address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let cli = Cli::try_parse_from(["roam", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        let config = args.into_config().unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.header_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_name() {
+        let cli = Cli::try_parse_from(["roam", "serve", "--max-headers", "0"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        assert!(args
+            .into_config()
+            .unwrap_err()
+            .to_string()
+            .contains("--max-headers"));
+        assert!(Cli::try_parse_from(["roam", "serve", "--idle-timeout", "soon"]).is_err());
+        let cli = Cli::try_parse_from(["roam", "serve", "--listen", "nonsense"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        assert!(args
+            .into_config()
+            .unwrap_err()
+            .to_string()
+            .contains("--listen"));
+    }
+}

@@ -1,0 +1,147 @@
+//! Validated configuration: every knob with its default as a named constant, checked once at
+//! start-up and then read-only for the server's life.
+
+use crate::request::{Limits, MAX_HEADERS_CEILING};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_ROOT: &str = "./serve_root";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Connections served at once; one more waits in the listen backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Kernel accept queue. Linux caps it at `net.core.somaxconn` (4096 by default).
+pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Time a client has to send a whole request head once it has started (slowloris bound).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time an idle keep-alive connection is kept waiting for its next request.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time a response may make no progress (the socket never becomes writable) before the peer is
+/// considered gone: a phone that changed networks is not coming back on this connection.
+pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// `TCP_USER_TIMEOUT`: the kernel gives up on unacknowledged data after this long, instead of
+/// retransmitting for about 15 minutes.
+pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(45);
+/// TCP keepalive idle time before the first probe, for silent peers on idle connections.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+/// `TCP_NOTSENT_LOWAT`: measured here, 16 KiB cut what an idle peer holds in the server's
+/// queue from 3.9 MB to 160 KB, which keeps "written" close to "acknowledged".
+pub const DEFAULT_NOTSENT_LOWAT: u32 = 16 * 1024;
+/// Sessions idle for longer than this are forgotten.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Session cap; past it new (client, file) pairs get 503 until expiry frees room.
+pub const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
+/// Hard deadline for in-flight connections after a shutdown signal.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Record confirmed progress at least every this many bytes sent.
+pub const DEFAULT_PROGRESS_INTERVAL: u64 = 256 * 1024;
+pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
+pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 64;
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// The server's validated settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub root: PathBuf,
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub backlog: u32,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_stall_timeout: Duration,
+    pub tcp_user_timeout: Duration,
+    pub tcp_keepalive: Duration,
+    pub notsent_lowat: u32,
+    pub session_ttl: Duration,
+    pub max_sessions: usize,
+    pub shutdown_timeout: Duration,
+    pub progress_interval: u64,
+    pub limits: Limits,
+    pub allow_dotfiles: bool,
+    /// Secret that keys client IDs; random per process when absent.
+    pub id_secret: Option<Vec<u8>>,
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Defaults for everything but where to serve from and listen on (used by tests and embedders).
+    pub fn new(root: PathBuf, listen: SocketAddr) -> Config {
+        Config {
+            root,
+            listen,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            backlog: DEFAULT_BACKLOG,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            tcp_user_timeout: DEFAULT_TCP_USER_TIMEOUT,
+            tcp_keepalive: DEFAULT_TCP_KEEPALIVE,
+            notsent_lowat: DEFAULT_NOTSENT_LOWAT,
+            session_ttl: DEFAULT_SESSION_TTL,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
+            limits: Limits {
+                max_request_line: DEFAULT_MAX_REQUEST_LINE,
+                max_head: DEFAULT_MAX_HEAD,
+                max_headers: DEFAULT_MAX_HEADERS,
+            },
+            allow_dotfiles: false,
+            id_secret: None,
+        }
+    }
+
+    /// Checks the relations between settings.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let bad = |m: &str| Err(ConfigError(m.to_owned()));
+        if self.max_connections == 0 {
+            return bad("--max-connections must be at least 1");
+        }
+        if self.backlog == 0 {
+            return bad("--backlog must be at least 1");
+        }
+        if self.limits.max_headers == 0 || self.limits.max_headers > MAX_HEADERS_CEILING {
+            return Err(ConfigError(format!(
+                "--max-headers must be between 1 and {MAX_HEADERS_CEILING}"
+            )));
+        }
+        if self.limits.max_request_line < 16 {
+            return bad("--max-request-line must be at least 16 bytes");
+        }
+        if self.limits.max_head < self.limits.max_request_line {
+            return bad("--max-head must be at least --max-request-line");
+        }
+        for (name, d) in [
+            ("--header-timeout", self.header_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--write-stall-timeout", self.write_stall_timeout),
+            ("--tcp-user-timeout", self.tcp_user_timeout),
+            ("--tcp-keepalive", self.tcp_keepalive),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError(format!("{name} must be greater than zero")));
+            }
+        }
+        if self.max_sessions == 0 {
+            return bad("--max-sessions must be at least 1");
+        }
+        if self.progress_interval == 0 {
+            return bad("--progress-interval must be at least 1 byte");
+        }
+        if self.id_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return bad("the ID secret must be at least 16 bytes");
+        }
+        Ok(self)
+    }
+}

@@ -1,0 +1,594 @@
+//! One client connection: reads request heads (keep-alive, pipelining, timeouts), writes
+//! responses, sends file bodies, and records what each body's peer acknowledged.
+//!
+//! Progress is settled at milestones while sending, whenever the socket blocks, while waiting
+//! for the next request, and once more before the socket is dropped (the kernel's counters
+//! outlive `EPIPE` and `ECONNRESET`, not `close`).
+
+use crate::delivery::{BodySpan, Ledger};
+use crate::error::RequestError;
+use crate::request::{self, Method, Request};
+use crate::respond::{self, Body, Response, Tracking};
+use crate::service::Service;
+use crate::store::{Epoch, SessionKey};
+use crate::sys::{self, AckCounter};
+use crate::takeover::{ConnectionHandle, Ownership};
+use bytes::{Buf, BytesMut};
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Read buffer growth step. The buffer is allocated only when a request is arriving and freed
+/// whenever the connection goes idle, so idle keep-alive connections hold no buffer.
+const READ_CHUNK: usize = 2048;
+/// How often an idle connection re-reads the acknowledgement counter while a finished body is
+/// still unconfirmed.
+const SETTLE_TICK: Duration = Duration::from_millis(20);
+/// Largest sendfile call; bounded so milestones and cancellation checks happen regularly.
+const SENDFILE_CHUNK: usize = 1 << 20;
+/// After our last response, how long we keep reading (and discarding) so that unread request
+/// bytes do not turn our close into a reset that destroys the response in flight.
+const LINGER_READ: Duration = Duration::from_secs(2);
+
+/// A body whose confirmation is not yet complete.
+#[derive(Debug)]
+struct Pending {
+    key: SessionKey,
+    epoch: Epoch,
+    file_start: u64,
+    span: BodySpan,
+    /// The response's full body length: the pending entry is done when this much is confirmed.
+    body_len: u64,
+    /// Released once the final progress is recorded (wakes a waiting takeover).
+    _ownership: Ownership,
+}
+
+/// How a connection ends.
+#[derive(Debug)]
+enum End {
+    /// Orderly: answer sent (or client done), close after draining.
+    Graceful,
+    /// Stop sending at once and reset: taken over, shutting down, or the file changed under us.
+    Abort(&'static str),
+    /// The peer is gone (reset, broken pipe, stalled past the timeout).
+    Gone(io::Error),
+}
+
+/// Why reading a request stopped.
+enum ReadEnd {
+    Closed,
+    Bad(RequestError),
+    End(End),
+}
+
+struct Connection {
+    stream: TcpStream,
+    fd: RawFd,
+    peer: SocketAddr,
+    svc: Arc<Service>,
+    handle: ConnectionHandle,
+    shutdown: CancellationToken,
+    /// Unparsed bytes; empty and unallocated between requests.
+    buf: BytesMut,
+    ledger: Ledger,
+    pending: Vec<Pending>,
+}
+
+/// Serves one accepted connection to the end. Never panics on peer behaviour; every error ends
+/// only this connection.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    svc: Arc<Service>,
+    shutdown: CancellationToken,
+) {
+    configure_socket(&stream, &svc);
+    let fd = stream.as_raw_fd();
+    let at_accept = sys::ack_counter(fd).unwrap_or(AckCounter::Unknown);
+    let handle = ConnectionHandle {
+        id: svc.next_connection_id(),
+        abort: CancellationToken::new(),
+    };
+    let mut conn = Connection {
+        stream,
+        fd,
+        peer,
+        svc,
+        handle,
+        shutdown,
+        buf: BytesMut::new(),
+        ledger: Ledger::new(at_accept),
+        pending: Vec::new(),
+    };
+    let end = conn.run().await;
+    conn.close(end).await;
+}
+
+fn configure_socket(stream: &TcpStream, svc: &Service) {
+    let cfg = &svc.config;
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(cfg.tcp_keepalive)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+    #[cfg(target_os = "linux")]
+    {
+        if let Err(e) = sock.set_tcp_user_timeout(Some(cfg.tcp_user_timeout)) {
+            tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+        }
+        if let Err(e) = sys::set_notsent_lowat(stream.as_raw_fd(), cfg.notsent_lowat) {
+            tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
+        }
+    }
+}
+
+impl Connection {
+    async fn run(&mut self) -> End {
+        let mut first = true;
+        loop {
+            let req = match self.read_request(first).await {
+                Ok(req) => req,
+                Err(ReadEnd::Closed) => return End::Graceful,
+                Err(ReadEnd::End(end)) => return end,
+                Err(ReadEnd::Bad(err)) => {
+                    self.log_error(&err, None);
+                    let resp = respond::error_response(&err, false);
+                    return match self.send(resp, true, false).await {
+                        Ok(()) => End::Graceful,
+                        Err(end) => end,
+                    };
+                }
+            };
+            first = false;
+            // Confirm what earlier responses delivered before this request reads the store.
+            self.settle();
+            let head_only = req.method == Method::Head;
+            let (resp, close) = match respond::respond(&self.svc, &req, &self.handle).await {
+                Ok(resp) => (resp, !req.keep_alive),
+                Err(err) => {
+                    self.log_error(&err, Some(&req));
+                    let close = !req.keep_alive || err.disposition().close;
+                    (respond::error_response(&err, head_only), close)
+                }
+            };
+            let close = close || self.shutdown.is_cancelled();
+            tracing::debug!(peer = %self.peer, target = %req.target, status = resp.head.status().code(), "response");
+            if let Err(end) = self.send(resp, close, req.http10).await {
+                return end;
+            }
+            if close {
+                return End::Graceful;
+            }
+        }
+    }
+
+    fn log_error(&self, err: &RequestError, req: Option<&Request>) {
+        let target = req.map(|r| r.target.as_str()).unwrap_or("");
+        if err.disposition().ours {
+            tracing::warn!(peer = %self.peer, target, error = %err, "request failed");
+        } else {
+            tracing::debug!(peer = %self.peer, target, error = %err, "request refused");
+        }
+    }
+
+    /// Reads the next request head. The header timeout runs from the first byte of a request;
+    /// the idle timeout from the end of the previous response (the first request of a
+    /// connection gets the header timeout).
+    async fn read_request(&mut self, first: bool) -> Result<Request, ReadEnd> {
+        let cfg = &self.svc.config;
+        let (header_timeout, idle_timeout, limits) =
+            (cfg.header_timeout, cfg.idle_timeout, cfg.limits);
+        let idle_deadline = Instant::now() + if first { header_timeout } else { idle_timeout };
+        let mut head_deadline = None;
+        loop {
+            if self.buf.is_empty() {
+                if self.buf.capacity() > 0 {
+                    self.buf = BytesMut::new();
+                }
+            } else {
+                match request::parse(&self.buf, &limits) {
+                    Ok(Some((req, n))) => {
+                        self.buf.advance(n);
+                        return Ok(req);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(ReadEnd::Bad(e)),
+                }
+                head_deadline.get_or_insert_with(|| Instant::now() + header_timeout);
+            }
+            let deadline = head_deadline.unwrap_or(idle_deadline);
+            let waiting_for_acks = !self.pending.is_empty();
+            tokio::select! {
+                biased;
+                _ = self.handle.abort.cancelled() => return Err(ReadEnd::End(End::Abort("taken over"))),
+                _ = self.shutdown.cancelled(), if self.buf.is_empty() => return Err(ReadEnd::Closed),
+                ready = self.stream.readable() => {
+                    if let Err(e) = ready {
+                        return Err(ReadEnd::End(End::Gone(e)));
+                    }
+                    if self.buf.capacity() == self.buf.len() {
+                        self.buf.reserve(READ_CHUNK);
+                    }
+                    match self.stream.try_read_buf(&mut self.buf) {
+                        Ok(0) => return Err(ReadEnd::Closed),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(ReadEnd::End(End::Gone(e))),
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(if head_deadline.is_some() {
+                        ReadEnd::Bad(RequestError::HeadTimeout)
+                    } else {
+                        ReadEnd::Closed
+                    });
+                }
+                _ = tokio::time::sleep(SETTLE_TICK), if waiting_for_acks => self.settle(),
+            }
+        }
+    }
+
+    /// Writes a response. HEAD responses arrive with an empty body already.
+    async fn send(&mut self, resp: Response, close: bool, http10: bool) -> Result<(), End> {
+        let Response {
+            head,
+            body,
+            tracking,
+        } = resp;
+        let head = head.finish(close, http10);
+        match body {
+            Body::Empty => self.write(&head, false).await,
+            Body::Bytes(bytes) => {
+                let mut both = BytesMut::with_capacity(head.len() + bytes.len());
+                both.extend_from_slice(&head);
+                both.extend_from_slice(&bytes);
+                self.write(&both, false).await
+            }
+            Body::File { file, range } => {
+                self.write(&head, true).await?;
+                if let Some(t) = tracking {
+                    self.track(t, range.len());
+                }
+                self.send_file(&file, range.start, range.end, true).await
+            }
+            Body::Multipart { file, parts, end } => {
+                self.write(&head, true).await?;
+                for (prefix, range) in parts {
+                    self.write(&prefix, true).await?;
+                    self.send_file(&file, range.start, range.end, false).await?;
+                }
+                self.write(&end, false).await
+            }
+        }
+    }
+
+    fn track(&mut self, t: Tracking, body_len: u64) {
+        let Tracking {
+            key,
+            epoch,
+            file_start,
+            ownership,
+        } = t;
+        self.pending.push(Pending {
+            key,
+            epoch,
+            file_start,
+            span: BodySpan {
+                stream_start: self.ledger.written(),
+                written: 0,
+            },
+            body_len,
+            _ownership: ownership,
+        });
+    }
+
+    /// Reads the acknowledgement counter once and records every pending body's confirmed
+    /// offset; drops the entries whose whole body is confirmed.
+    fn settle(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let counter = match sys::ack_counter(self.fd) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read TCP_INFO");
+                return;
+            }
+        };
+        let delivered = self.ledger.delivered(counter);
+        let store = &self.svc.store;
+        self.pending.retain(|p| {
+            let confirmed = p.span.confirmed(delivered);
+            store.advance(&p.key, p.epoch, p.file_start + confirmed);
+            confirmed < p.body_len
+        });
+    }
+
+    /// Waits until the socket can take more bytes, or the peer stalls past the write-stall
+    /// timeout, or the connection is aborted.
+    async fn writable(&mut self) -> Result<(), End> {
+        let stall = self.svc.config.write_stall_timeout;
+        tokio::select! {
+            biased;
+            _ = self.handle.abort.cancelled() => Err(End::Abort("taken over")),
+            _ = self.shutdown.cancelled() => Err(End::Abort("shutting down")),
+            r = tokio::time::timeout(stall, self.stream.writable()) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(End::Gone(e)),
+                Err(_) => Err(End::Gone(io::Error::new(io::ErrorKind::TimedOut, "write stalled"))),
+            },
+        }
+    }
+
+    /// Writes all of `buf`. With `more`, tells the kernel a body follows so the head shares
+    /// its segment.
+    async fn write(&mut self, mut buf: &[u8], more: bool) -> Result<(), End> {
+        while !buf.is_empty() {
+            self.writable().await?;
+            let fd = self.fd;
+            let r = self.stream.try_io(Interest::WRITABLE, || {
+                #[cfg(target_os = "linux")]
+                if more {
+                    return sys::send_more(fd, buf);
+                }
+                let _ = (fd, more);
+                self.stream.try_write(buf)
+            });
+            match r {
+                Ok(n) => {
+                    self.ledger.wrote(n as u64);
+                    buf = &buf[n..];
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(End::Gone(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `[start, end)` of `file`, with sendfile where the platform has it. `tracked` says
+    /// the last pending entry belongs to this body.
+    async fn send_file(
+        &mut self,
+        file: &Arc<File>,
+        start: u64,
+        end: u64,
+        tracked: bool,
+    ) -> Result<(), End> {
+        #[cfg(target_os = "linux")]
+        {
+            match self.sendfile_loop(file, start, end, tracked).await {
+                Err(SendfileEnd::Unsupported(pos)) => self.read_loop(file, pos, end, tracked).await,
+                Err(SendfileEnd::End(e)) => Err(e),
+                Ok(()) => Ok(()),
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            self.read_loop(file, start, end, tracked).await
+        }
+    }
+
+    fn advance_body(&mut self, n: u64, tracked: bool) {
+        self.ledger.wrote(n);
+        if tracked {
+            if let Some(p) = self.pending.last_mut() {
+                p.span.written += n;
+            }
+        }
+    }
+
+    fn check_cancelled(&self) -> Result<(), End> {
+        if self.handle.abort.is_cancelled() {
+            return Err(End::Abort("taken over"));
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(End::Abort("shutting down"));
+        }
+        Ok(())
+    }
+
+    #[cfg(target_os = "linux")]
+    async fn sendfile_loop(
+        &mut self,
+        file: &Arc<File>,
+        start: u64,
+        end: u64,
+        tracked: bool,
+    ) -> Result<(), SendfileEnd> {
+        let file_fd = file.as_raw_fd();
+        let interval = self.svc.config.progress_interval;
+        let mut pos = start;
+        let mut since_settle = 0u64;
+        while pos < end {
+            self.writable().await?;
+            let fd = self.fd;
+            let want = usize::try_from(end - pos)
+                .unwrap_or(usize::MAX)
+                .min(SENDFILE_CHUNK);
+            match self
+                .stream
+                .try_io(Interest::WRITABLE, || sys::sendfile(fd, file_fd, pos, want))
+            {
+                Ok(0) => return Err(SendfileEnd::End(End::Abort("file shrank during transfer"))),
+                Ok(n) => {
+                    pos += n as u64;
+                    since_settle += n as u64;
+                    self.advance_body(n as u64, tracked);
+                    if since_settle >= interval {
+                        since_settle = 0;
+                        self.settle();
+                    }
+                    self.check_cancelled()?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.settle(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if pos == start
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                        ) =>
+                {
+                    return Err(SendfileEnd::Unsupported(pos));
+                }
+                Err(e) => return Err(SendfileEnd::End(End::Gone(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// The portable path: positioned reads on the blocking pool in large chunks (measured:
+    /// 8 KiB reads reach 0.31 GB/s, 256 KiB reads 1.39 GB/s), then ordinary writes.
+    async fn read_loop(
+        &mut self,
+        file: &Arc<File>,
+        start: u64,
+        end: u64,
+        tracked: bool,
+    ) -> Result<(), End> {
+        const READ_SIZE: u64 = 256 * 1024;
+        let mut pos = start;
+        while pos < end {
+            let len = (end - pos).min(READ_SIZE) as usize;
+            let f = Arc::clone(file);
+            let chunk = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                let n = read_at(&f, &mut buf, pos)?;
+                buf.truncate(n);
+                Ok::<_, io::Error>(buf)
+            })
+            .await
+            .map_err(|e| End::Gone(io::Error::other(e)))?
+            .map_err(|e| {
+                tracing::warn!(error = %e, "file read failed mid-transfer");
+                End::Abort("file read failed")
+            })?;
+            if chunk.is_empty() {
+                return Err(End::Abort("file shrank during transfer"));
+            }
+            let mut rest: &[u8] = &chunk;
+            while !rest.is_empty() {
+                self.writable().await?;
+                match self.stream.try_write(rest) {
+                    Ok(n) => {
+                        rest = &rest[n..];
+                        self.advance_body(n as u64, tracked);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.settle(),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(End::Gone(e)),
+                }
+            }
+            pos += chunk.len() as u64;
+            self.settle();
+            self.check_cancelled()?;
+        }
+        Ok(())
+    }
+
+    /// Ends the connection, recording final progress first.
+    async fn close(mut self, end: End) {
+        match end {
+            End::Graceful => {
+                self.linger().await;
+            }
+            End::Abort(why) => {
+                // An RST: SO_LINGER 0 discards the send queue, so not one more byte reaches the
+                // peer after the offset we record below.
+                let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+                tracing::debug!(peer = %self.peer, why, "connection aborted");
+            }
+            End::Gone(e) => {
+                let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+                tracing::debug!(peer = %self.peer, error = %e, "peer gone");
+            }
+        }
+        self.settle();
+        self.pending.clear();
+    }
+
+    /// Orderly close: send our FIN after the last response, keep confirming the bodies still
+    /// in flight, and drain what the peer sends so that unread bytes do not make the kernel
+    /// reset the connection (destroying the end of our response) when we close.
+    async fn linger(&mut self) {
+        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
+        let started = Instant::now();
+        let ack_deadline = started + self.svc.config.write_stall_timeout;
+        let mut scratch = [0u8; 1024];
+        loop {
+            self.settle();
+            let now = Instant::now();
+            let waiting_for_acks = !self.pending.is_empty() && now < ack_deadline;
+            if !waiting_for_acks && now >= started + LINGER_READ {
+                return;
+            }
+            let deadline = if waiting_for_acks {
+                now + SETTLE_TICK
+            } else {
+                started + LINGER_READ
+            };
+            tokio::select! {
+                biased;
+                _ = self.handle.abort.cancelled() => return,
+                r = self.stream.readable() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    match self.stream.try_read(&mut scratch) {
+                        Ok(0) if self.pending.is_empty() => return,
+                        Ok(0) => tokio::time::sleep(SETTLE_TICK).await,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+enum SendfileEnd {
+    /// sendfile cannot serve this file (some file systems): fall back to reads from here.
+    Unsupported(u64),
+    End(End),
+}
+
+#[cfg(target_os = "linux")]
+impl From<End> for SendfileEnd {
+    fn from(e: End) -> Self {
+        SendfileEnd::End(e)
+    }
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], pos + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}

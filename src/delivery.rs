@@ -1,0 +1,152 @@
+//! Delivery accounting: turns the kernel's acknowledgement counter for a connection into the
+//! number of body bytes each response has had confirmed. Pure arithmetic over plain values; the
+//! counter itself is read by `sys`.
+//!
+//! A connection carries several responses (keep-alive, pipelining), each a head and a body. We
+//! count every byte we write on the connection, remember where each body starts in that stream,
+//! and clamp the peer's cumulative acknowledgement to each body. Written is not delivered: the
+//! send queue, packets in flight and the peer's receive window sit between, and a client that
+//! vanished mid-download would otherwise be resumed past a gap.
+
+use crate::sys::AckCounter;
+
+/// Where one response body sits in the connection's outgoing byte stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodySpan {
+    /// Bytes written on the connection before this body's first byte (earlier responses and this
+    /// response's head).
+    pub stream_start: u64,
+    /// Body bytes handed to the kernel so far; never more than the response's `Content-Length`.
+    pub written: u64,
+}
+
+impl BodySpan {
+    /// Body bytes confirmed, given how many bytes of the connection's stream the peer has
+    /// acknowledged.
+    pub fn confirmed(&self, delivered: u64) -> u64 {
+        delivered
+            .saturating_sub(self.stream_start)
+            .min(self.written)
+    }
+}
+
+/// Counts what a connection wrote and converts the kernel's counter into stream bytes
+/// delivered.
+#[derive(Clone, Copy, Debug)]
+pub struct Ledger {
+    /// Bytes written on the connection since accept; the total the kernel will eventually
+    /// acknowledge (not counting our FIN).
+    written: u64,
+    /// The `tcpi_bytes_acked` value read right after accept, before we wrote anything, so that
+    /// handshake accounting never counts as data.
+    baseline: u64,
+}
+
+impl Ledger {
+    /// A ledger for a fresh connection whose counter read `at_accept` before any write.
+    pub fn new(at_accept: AckCounter) -> Self {
+        let baseline = match at_accept {
+            AckCounter::BytesAcked(n) => n,
+            AckCounter::Outstanding(_) | AckCounter::Unknown => 0,
+        };
+        Ledger {
+            written: 0,
+            baseline,
+        }
+    }
+
+    /// Records `n` more bytes handed to the kernel.
+    pub fn wrote(&mut self, n: u64) {
+        self.written += n;
+    }
+
+    /// Bytes written on the connection so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Bytes of our stream the peer has acknowledged according to `counter`, never more than
+    /// we wrote (the acknowledgement of our FIN counts one more byte in `tcpi_bytes_acked`).
+    /// With no counter we can only assume what was written was delivered.
+    pub fn delivered(&self, counter: AckCounter) -> u64 {
+        match counter {
+            AckCounter::BytesAcked(acked) => acked.saturating_sub(self.baseline).min(self.written),
+            AckCounter::Outstanding(queued) => self.written.saturating_sub(queued),
+            AckCounter::Unknown => self.written,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn second_response_on_keep_alive_connection_excludes_first_and_heads() {
+        let mut ledger = Ledger::new(AckCounter::BytesAcked(0));
+        // First response: 100-byte head, 1000-byte body.
+        ledger.wrote(100);
+        let first = BodySpan {
+            stream_start: ledger.written(),
+            written: 1000,
+        };
+        ledger.wrote(1000);
+        // Second response: 120-byte head, 5000-byte body of which 3000 written.
+        ledger.wrote(120);
+        let second = BodySpan {
+            stream_start: ledger.written(),
+            written: 3000,
+        };
+        ledger.wrote(3000);
+        let delivered = ledger.delivered(AckCounter::BytesAcked(1100 + 120 + 700));
+        assert_eq!(first.confirmed(delivered), 1000);
+        assert_eq!(second.confirmed(delivered), 700);
+        // Acknowledged only into the second head: nothing of the second body.
+        let delivered = ledger.delivered(AckCounter::BytesAcked(1150));
+        assert_eq!(second.confirmed(delivered), 0);
+        assert_eq!(first.confirmed(delivered), 1000);
+    }
+
+    #[test]
+    fn fin_acknowledgement_never_counts_as_data() {
+        let mut ledger = Ledger::new(AckCounter::BytesAcked(0));
+        ledger.wrote(10);
+        // Everything plus our FIN acknowledged: one more than we wrote.
+        assert_eq!(ledger.delivered(AckCounter::BytesAcked(11)), 10);
+    }
+
+    #[test]
+    fn baseline_at_accept_is_subtracted() {
+        let mut ledger = Ledger::new(AckCounter::BytesAcked(1));
+        ledger.wrote(50);
+        assert_eq!(ledger.delivered(AckCounter::BytesAcked(1)), 0);
+        assert_eq!(ledger.delivered(AckCounter::BytesAcked(31)), 30);
+    }
+
+    #[test]
+    fn short_tcp_info_falls_back_to_send_queue() {
+        let mut ledger = Ledger::new(AckCounter::Outstanding(0));
+        ledger.wrote(4096);
+        assert_eq!(ledger.delivered(AckCounter::Outstanding(1000)), 3096);
+        assert_eq!(ledger.delivered(AckCounter::Outstanding(9999)), 0);
+    }
+
+    #[test]
+    fn no_counter_means_written_counts() {
+        let mut ledger = Ledger::new(AckCounter::Unknown);
+        ledger.wrote(77);
+        assert_eq!(ledger.delivered(AckCounter::Unknown), 77);
+    }
+
+    proptest! {
+        #[test]
+        fn confirmed_is_bounded_and_monotonic(start in 0u64..1 << 40, written in 0u64..1 << 40,
+                                              a in 0u64..1 << 41, b in 0u64..1 << 41) {
+            let span = BodySpan { stream_start: start, written };
+            let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+            prop_assert!(span.confirmed(hi) <= written);
+            prop_assert!(span.confirmed(lo) <= span.confirmed(hi));
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The served folder: opening a validated relative path so that nothing outside the root can be
+//! reached, and describing the file (length, validators, type).
+
+use crate::target::RelPath;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The folder every download is served from.
+#[derive(Debug)]
+pub struct Root {
+    /// Canonical path of the folder (symlinks resolved).
+    path: PathBuf,
+    /// The folder itself, opened once: relative opens resolve against it, so renaming the
+    /// folder's parents cannot redirect them.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    dir: File,
+}
+
+/// Why a file could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Missing, not a regular file, outside the root, or not readable: all look the same from
+    /// outside.
+    #[error("no such file")]
+    NotFound,
+    /// The system could not open it for a reason that is ours, not the client's (descriptor
+    /// exhaustion, I/O error).
+    #[error("cannot open file: {0}")]
+    Io(#[source] io::Error),
+}
+
+/// An open file ready to serve, with what its response head needs.
+#[derive(Debug, Clone)]
+pub struct OpenFile {
+    pub file: Arc<File>,
+    pub len: u64,
+    /// Modification time truncated to whole seconds, as `Last-Modified` carries it, and never
+    /// later than now (RFC 9110 §8.8.2.1).
+    pub last_modified: SystemTime,
+    /// Strong validator, quotes included.
+    pub etag: String,
+    /// A hash of the ETag: what a session remembers of the version it is downloading.
+    pub version: u64,
+    pub content_type: &'static str,
+}
+
+impl Root {
+    /// Opens the root folder; fails if it is not a readable directory.
+    pub fn open(path: &Path) -> io::Result<Root> {
+        let canonical = std::fs::canonicalize(path)?;
+        let dir = File::open(&canonical)?;
+        if !dir.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a directory",
+            ));
+        }
+        Ok(Root {
+            path: canonical,
+            dir,
+        })
+    }
+
+    /// The canonical root path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens `rel` below the root. Symlinks that stay inside the root are followed; any that
+    /// lead outside are refused, as are directories and special files.
+    pub fn open_file(&self, rel: &RelPath) -> Result<OpenFile, OpenError> {
+        let file = self.open_confined(rel.as_path())?;
+        let meta = file.metadata().map_err(OpenError::Io)?;
+        if !meta.is_file() {
+            return Err(OpenError::NotFound);
+        }
+        let modified = meta.modified().unwrap_or(UNIX_EPOCH);
+        let len = meta.len();
+        let etag = strong_etag(len, modified);
+        let version = fnv1a(etag.as_bytes());
+        let last_modified = truncate_to_second(modified.min(SystemTime::now()));
+        let content_type = mime_guess::from_path(rel.as_path())
+            .first_raw()
+            .unwrap_or("application/octet-stream");
+        Ok(OpenFile {
+            file: Arc::new(file),
+            len,
+            last_modified,
+            etag,
+            version,
+            content_type,
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    fn open_confined(&self, rel: &Path) -> Result<File, OpenError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let c =
+            std::ffi::CString::new(rel.as_os_str().as_bytes()).map_err(|_| OpenError::NotFound)?;
+        match crate::sys::open_beneath(self.dir.as_raw_fd(), &c) {
+            Ok(Some(fd)) => Ok(File::from(fd)),
+            Ok(None) => self.open_canonical(rel),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn open_confined(&self, rel: &Path) -> Result<File, OpenError> {
+        self.open_canonical(rel)
+    }
+
+    /// Portable confinement: resolve every symlink, then insist the result is still below the
+    /// root. Racy against a symlink swapped between the check and the open, which is why Linux
+    /// uses `openat2(RESOLVE_BENEATH)` instead.
+    fn open_canonical(&self, rel: &Path) -> Result<File, OpenError> {
+        let resolved = std::fs::canonicalize(self.path.join(rel)).map_err(classify)?;
+        if !resolved.starts_with(&self.path) {
+            return Err(OpenError::NotFound);
+        }
+        File::open(resolved).map_err(classify)
+    }
+}
+
+fn classify(e: io::Error) -> OpenError {
+    #[cfg(target_os = "linux")]
+    const REFUSALS: &[i32] = &[
+        libc::ENOENT,
+        libc::ENOTDIR,
+        libc::EXDEV, // RESOLVE_BENEATH: the path left the root
+        libc::ELOOP,
+        libc::EACCES,
+        libc::EPERM,
+        libc::ENAMETOOLONG,
+        libc::ENXIO,
+    ];
+    #[cfg(not(target_os = "linux"))]
+    const REFUSALS: &[i32] = &[];
+    match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => OpenError::NotFound,
+        _ if e.raw_os_error().is_some_and(|c| REFUSALS.contains(&c)) => OpenError::NotFound,
+        _ => OpenError::Io(e),
+    }
+}
+
+/// A strong ETag from length and modification time to the nanosecond: the same on every
+/// machine serving the same file with the same mtime, stable across restarts, and changed by
+/// any write that changes either. (The inode is deliberately left out: it differs between
+/// machines.)
+pub fn strong_etag(len: u64, modified: SystemTime) -> String {
+    let nanos = match modified.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos(),
+        Err(_) => 0,
+    };
+    format!("\"{len:x}-{nanos:x}\"")
+}
+
+fn truncate_to_second(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => UNIX_EPOCH,
+    }
+}
+
+/// FNV-1a, 64-bit: a stable hash (unlike std's randomly keyed hasher) for version numbers.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::{route, Route};
+
+    fn rel(p: &str) -> RelPath {
+        match route(&format!("/id/{p}"), true).unwrap() {
+            Route::File { path, .. } => path,
+            Route::Mint => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn symlinks_inside_are_followed_and_outside_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"token").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/a.txt"), b"hello").unwrap();
+        std::os::unix::fs::symlink("sub/a.txt", dir.path().join("inside")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../", dir.path().join("sub/up")).unwrap();
+        let root = Root::open(dir.path()).unwrap();
+        assert_eq!(root.open_file(&rel("sub/a.txt")).unwrap().len, 5);
+        assert_eq!(root.open_file(&rel("inside")).unwrap().len, 5);
+        assert!(matches!(
+            root.open_file(&rel("abs")),
+            Err(OpenError::NotFound)
+        ));
+        assert!(matches!(
+            root.open_file(&rel("sub/up/etc/passwd")),
+            Err(OpenError::NotFound)
+        ));
+        assert!(matches!(
+            root.open_file(&rel("sub")),
+            Err(OpenError::NotFound)
+        ));
+        assert!(matches!(
+            root.open_file(&rel("missing")),
+            Err(OpenError::NotFound)
+        ));
+        // The portable path agrees.
+        assert!(root.open_canonical(Path::new("abs")).is_err());
+        assert!(root.open_canonical(Path::new("inside")).is_ok());
+    }
+
+    #[test]
+    fn etag_depends_on_length_and_nanoseconds() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 5);
+        assert_eq!(strong_etag(10, t), strong_etag(10, t));
+        assert_ne!(strong_etag(10, t), strong_etag(11, t));
+        assert_ne!(
+            strong_etag(10, t),
+            strong_etag(10, t + Duration::from_nanos(1))
+        );
+        assert!(strong_etag(10, t).starts_with('"') && !strong_etag(10, t).starts_with("W/"));
+    }
+}

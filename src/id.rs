@@ -1,0 +1,177 @@
+//! Client IDs: minted by `GET /`, presented as the first path segment of every download.
+//!
+//! An ID is a UUID (RFC 9562 version 8) made of a 64-bit random nonce and a 58-bit HMAC-SHA-256
+//! tag of that nonce under a server secret. The server can tell its own IDs from forgeries
+//! without remembering them, so minting stores nothing and a forged or never-used ID allocates
+//! nothing: memory grows only with (client, file) sessions, which are capped.
+
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use std::fmt;
+use uuid::Uuid;
+
+/// Length of an ID in its text form, `xxxxxxxx-xxxx-8xxx-xxxx-xxxxxxxxxxxx`.
+pub const ID_TEXT_LEN: usize = 36;
+
+/// A client ID the server has verified as its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientId(Uuid);
+
+impl ClientId {
+    /// The ID as two words, the compact key the progress store uses (a `u128` would force 16-byte
+    /// alignment and pad every entry).
+    pub fn words(&self) -> [u64; 2] {
+        let (hi, lo) = self.0.as_u64_pair();
+        [hi, lo]
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// Why a path segment is not one of our IDs. Both answer 404; the reason goes into the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("malformed client id")]
+    Malformed,
+    #[error("unknown client id")]
+    Unknown,
+}
+
+/// Mints and verifies IDs under one secret.
+#[derive(Clone)]
+pub struct IdAuthority {
+    mac: Hmac<Sha256>,
+}
+
+impl fmt::Debug for IdAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdAuthority { .. }")
+    }
+}
+
+impl IdAuthority {
+    /// An authority keyed by `secret` (any length; 32 random bytes is plenty). Servers sharing a
+    /// secret accept each other's IDs.
+    pub fn new(secret: &[u8]) -> Self {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+        IdAuthority { mac }
+    }
+
+    /// An authority with a fresh random secret: IDs are valid until the process exits.
+    pub fn random() -> Self {
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        Self::new(&secret)
+    }
+
+    /// A new ID.
+    pub fn mint(&self) -> ClientId {
+        let mut nonce = [0u8; 8];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        ClientId(self.seal(nonce))
+    }
+
+    /// Verifies the text form of an ID. Only the lowercase hyphenated form is accepted, so each
+    /// ID has exactly one spelling (and one URL).
+    pub fn verify(&self, text: &str) -> Result<ClientId, IdError> {
+        if text.len() != ID_TEXT_LEN
+            || !text.bytes().enumerate().all(|(i, b)| match i {
+                8 | 13 | 18 | 23 => b == b'-',
+                _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+            })
+        {
+            return Err(IdError::Malformed);
+        }
+        let uuid = Uuid::try_parse(text).map_err(|_| IdError::Malformed)?;
+        let bytes = uuid.as_bytes();
+        let mut nonce = [0u8; 8];
+        nonce.copy_from_slice(&bytes[..8]);
+        let expected = self.seal(nonce);
+        // Constant-time comparison: the tag is a secret until it matches.
+        let diff = expected
+            .as_bytes()
+            .iter()
+            .zip(bytes.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff == 0 {
+            Ok(ClientId(uuid))
+        } else {
+            Err(IdError::Unknown)
+        }
+    }
+
+    /// Builds the UUID for a nonce: version 8 in the nonce's high bits of byte 6 and the RFC
+    /// variant in the tag's byte 8, so the remaining 58 tag bits are pure HMAC output.
+    fn seal(&self, mut nonce: [u8; 8]) -> Uuid {
+        nonce[6] = (nonce[6] & 0x0f) | 0x80;
+        let mut mac = self.mac.clone();
+        mac.update(&nonce);
+        let tag = mac.finalize().into_bytes();
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&nonce);
+        bytes[8..].copy_from_slice(&tag[..8]);
+        bytes[8] = (bytes[8] & 0x3f) | 0x80;
+        Uuid::from_bytes(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn minted_ids_verify_and_are_v8_text() {
+        let auth = IdAuthority::new(b"secret");
+        for _ in 0..100 {
+            let id = auth.mint();
+            let text = id.to_string();
+            assert_eq!(text.len(), ID_TEXT_LEN);
+            assert_eq!(&text[14..15], "8");
+            assert_eq!(auth.verify(&text), Ok(id));
+        }
+    }
+
+    #[test]
+    fn other_secret_and_tampering_are_unknown() {
+        let a = IdAuthority::new(b"a");
+        let b = IdAuthority::new(b"b");
+        let text = a.mint().to_string();
+        assert_eq!(b.verify(&text), Err(IdError::Unknown));
+        let mut tampered = text.into_bytes();
+        let last = tampered.len() - 1;
+        tampered[last] = if tampered[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(
+            a.verify(std::str::from_utf8(&tampered).unwrap()),
+            Err(IdError::Unknown)
+        );
+    }
+
+    #[test]
+    fn other_spellings_are_malformed() {
+        let auth = IdAuthority::new(b"s");
+        let text = auth.mint().to_string();
+        assert_eq!(auth.verify(&text.to_uppercase()), Err(IdError::Malformed));
+        assert_eq!(auth.verify(&text.replace('-', "")), Err(IdError::Malformed));
+        assert_eq!(auth.verify(&format!("{{{text}}}")), Err(IdError::Malformed));
+        assert_eq!(auth.verify(""), Err(IdError::Malformed));
+        assert_eq!(
+            auth.verify("..%2f..%2f..%2f..%2f..%2f..%2f..%2f"),
+            Err(IdError::Malformed)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn random_text_never_verifies(s in "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}") {
+            let auth = IdAuthority::new(b"k");
+            prop_assert!(auth.verify(&s).is_err());
+        }
+    }
+}

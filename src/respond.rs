@@ -1,0 +1,399 @@
+//! Deciding what to send: from a parsed request to a [`Response`] (status, head, body and, for
+//! downloads that move a session, the ownership and epoch its progress is recorded under).
+
+use crate::error::RequestError;
+use crate::files::{OpenError, OpenFile};
+use crate::id::IdError;
+use crate::precondition::{self, Conditions, Validators, Verdict};
+use crate::range::{self, ByteRange, ContentRange, RangePlan};
+use crate::request::{Method, Request};
+use crate::response::{Head, Status};
+use crate::service::Service;
+use crate::store::{Epoch, SessionKey};
+use crate::takeover::{ConnectionHandle, Ownership};
+use crate::target::{self, RelPath, Route, TargetError};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::fs::File;
+use std::sync::Arc;
+
+/// Response field carrying the session's offset: where a server-resumed download of this file
+/// would start now (on HEAD), or where this response's bytes start (on GET).
+pub const OFFSET_FIELD: &str = "Roam-Offset";
+
+/// A decided response, its head not yet finished (the connection adds `Connection`).
+#[derive(Debug)]
+pub struct Response {
+    pub head: Head,
+    pub body: Body,
+    /// Present when the body advances a session record.
+    pub tracking: Option<Tracking>,
+}
+
+/// What follows the head. HEAD requests always get `Empty` with GET's `Content-Length`.
+#[derive(Debug)]
+pub enum Body {
+    Empty,
+    Bytes(Bytes),
+    File {
+        file: Arc<File>,
+        range: ByteRange,
+    },
+    /// `multipart/byteranges`: each part's header bytes and slice, then the closing delimiter.
+    Multipart {
+        file: Arc<File>,
+        parts: Vec<(Bytes, ByteRange)>,
+        end: Bytes,
+    },
+}
+
+/// The session a body advances.
+#[derive(Debug)]
+pub struct Tracking {
+    pub key: SessionKey,
+    pub epoch: Epoch,
+    /// File offset of the body's first byte.
+    pub file_start: u64,
+    /// Held until the body's confirmed progress is recorded.
+    pub ownership: Ownership,
+}
+
+/// Decides the response to `req` arriving on connection `conn`.
+pub async fn respond(
+    svc: &Service,
+    req: &Request,
+    conn: &ConnectionHandle,
+) -> Result<Response, RequestError> {
+    if req.method == Method::Other {
+        return Err(RequestError::MethodNotAllowed);
+    }
+    let route = target::route(&req.target, svc.config.allow_dotfiles).map_err(|e| match e {
+        TargetError::BadForm => RequestError::BadTarget,
+        TargetError::NoSuchRoute => RequestError::NotFound("no such route: use / or /{id}/{path}"),
+        TargetError::Refused => RequestError::NotFound("no such file"),
+    })?;
+    match route {
+        Route::Mint => Ok(mint(svc, req.method == Method::Head)),
+        Route::File { id, path } => serve_file(svc, req, conn, id, &path).await,
+    }
+}
+
+fn mint(svc: &Service, head_only: bool) -> Response {
+    let id = Bytes::from(svc.ids.mint().to_string());
+    let mut head = Head::new(Status::Ok);
+    head.field("Content-Type", "text/plain; charset=utf-8")
+        .field("Content-Length", id.len())
+        // Each device must get its own ID: no cache may store this and hand it to another.
+        .field("Cache-Control", "no-store");
+    Response {
+        head,
+        body: if head_only {
+            Body::Empty
+        } else {
+            Body::Bytes(id)
+        },
+        tracking: None,
+    }
+}
+
+async fn serve_file(
+    svc: &Service,
+    req: &Request,
+    conn: &ConnectionHandle,
+    id: &str,
+    rel: &RelPath,
+) -> Result<Response, RequestError> {
+    let client = svc.ids.verify(id).map_err(|e| match e {
+        IdError::Malformed => RequestError::NotFound("malformed client id"),
+        IdError::Unknown => RequestError::NotFound("unknown client id"),
+    })?;
+    let file = svc.root.open_file(rel).map_err(|e| match e {
+        OpenError::NotFound => RequestError::NotFound("no such file"),
+        OpenError::Io(e) => RequestError::Internal(e),
+    })?;
+    let key = SessionKey::new(client, svc.files.intern(rel.as_path()));
+    let head_only = req.method == Method::Head;
+    let validators = Validators {
+        etag: &file.etag,
+        last_modified: file.last_modified,
+    };
+    let conditions = Conditions {
+        if_match: req.if_match.as_deref(),
+        if_none_match: req.if_none_match.as_deref(),
+        if_modified_since: req.if_modified_since.as_deref(),
+        if_unmodified_since: req.if_unmodified_since.as_deref(),
+        if_range: req.if_range.as_deref(),
+    };
+    let honor_range = match precondition::evaluate(&conditions, &validators) {
+        Verdict::PreconditionFailed => {
+            return Ok(bodiless(Status::PreconditionFailed, &file));
+        }
+        Verdict::NotModified => return Ok(bodiless(Status::NotModified, &file)),
+        Verdict::Proceed { honor_range } => honor_range,
+    };
+    let Some(range_value) = req.range.as_deref() else {
+        return resumed(svc, conn, key, file, head_only).await;
+    };
+    if !honor_range {
+        // If-Range names another version: the client's partial copy is stale, so it gets the
+        // whole current file, and that is now its position (RFC 9110 §13.1.5).
+        let whole = ByteRange {
+            start: 0,
+            end: file.len,
+        };
+        return declared(svc, conn, key, file, whole, head_only, Status::Ok);
+    }
+    let plan = match range::parse(range_value) {
+        Ok(specs) => range::plan(&specs, file.len),
+        // RFC 9110 §14.2: a Range we cannot read is ignored; the client gets the whole file, and
+        // since it did not say where it stands, its session is left alone.
+        Err(_) => RangePlan::Whole,
+    };
+    match plan {
+        RangePlan::Single {
+            range,
+            declares_position: true,
+        } => declared(
+            svc,
+            conn,
+            key,
+            file,
+            range,
+            head_only,
+            Status::PartialContent,
+        ),
+        RangePlan::Single {
+            range,
+            declares_position: false,
+        } => Ok(slice(&file, range, Status::PartialContent, head_only, None)),
+        RangePlan::Whole => Ok(whole_untracked(&file, head_only)),
+        RangePlan::Multi(ranges) => Ok(multipart(&file, &ranges, head_only)),
+        RangePlan::Unsatisfiable => Ok(bodiless(Status::RangeNotSatisfiable, &file)),
+    }
+}
+
+/// A request without `Range`: the server decides where to start, from the session.
+async fn resumed(
+    svc: &Service,
+    conn: &ConnectionHandle,
+    key: SessionKey,
+    file: OpenFile,
+    head_only: bool,
+) -> Result<Response, RequestError> {
+    // HEAD reports where a GET would start without taking the session from anyone.
+    let ownership = if head_only {
+        None
+    } else {
+        Some(svc.owners.take_over(key, conn).await)
+    };
+    let record = svc.store.get(&key).filter(|p| p.version == file.version);
+    let offset = record.map_or(0, |p| p.offset.min(file.len));
+    if record.is_some() && offset == file.len {
+        // Everything was confirmed: answer as curl and wget understand "already complete",
+        // cheaply and never with the file again.
+        let mut resp = bodiless(Status::RangeNotSatisfiable, &file);
+        resp.head.field(OFFSET_FIELD, offset);
+        return Ok(resp);
+    }
+    let status = if offset == 0 {
+        Status::Ok
+    } else {
+        Status::PartialContent
+    };
+    let range = ByteRange {
+        start: offset,
+        end: file.len,
+    };
+    let tracking = match ownership {
+        Some(ownership) => {
+            let epoch = svc
+                .store
+                .begin(key, file.version, offset)
+                .map_err(|_| RequestError::SessionsFull)?;
+            Some(Tracking {
+                key,
+                epoch,
+                file_start: offset,
+                ownership,
+            })
+        }
+        None => None,
+    };
+    let mut resp = slice(&file, range, status, head_only, tracking);
+    resp.head.field(OFFSET_FIELD, offset);
+    Ok(resp)
+}
+
+/// A request that states the client's position (`Range: bytes=N-`, or a stale `If-Range`
+/// meaning "from 0"): the session follows it under a new epoch.
+fn declared(
+    svc: &Service,
+    conn: &ConnectionHandle,
+    key: SessionKey,
+    file: OpenFile,
+    range: ByteRange,
+    head_only: bool,
+    status: Status,
+) -> Result<Response, RequestError> {
+    if head_only {
+        return Ok(slice(&file, range, status, true, None));
+    }
+    let ownership = svc.owners.declare(key, conn);
+    let epoch = svc
+        .store
+        .begin(key, file.version, range.start)
+        .map_err(|_| RequestError::SessionsFull)?;
+    let tracking = Tracking {
+        key,
+        epoch,
+        file_start: range.start,
+        ownership,
+    };
+    Ok(slice(&file, range, status, false, Some(tracking)))
+}
+
+/// The fields every session response carries.
+fn representation_fields(head: &mut Head, file: &OpenFile) {
+    head.field("Last-Modified", httpdate::fmt_http_date(file.last_modified))
+        .field("ETag", &file.etag)
+        .field("Accept-Ranges", "bytes")
+        // Depends on the client's session: no shared cache may reuse it for anyone.
+        .field("Cache-Control", "no-store");
+}
+
+/// One contiguous slice, `200` when it is the whole file from byte 0, else `206`.
+fn slice(
+    file: &OpenFile,
+    range: ByteRange,
+    status: Status,
+    head_only: bool,
+    tracking: Option<Tracking>,
+) -> Response {
+    let mut head = Head::new(status);
+    head.field("Content-Type", file.content_type)
+        .field("Content-Length", range.end - range.start);
+    if status == Status::PartialContent {
+        head.field("Content-Range", range.content_range(file.len));
+    }
+    representation_fields(&mut head, file);
+    let body = if head_only || range.start == range.end {
+        Body::Empty
+    } else {
+        Body::File {
+            file: Arc::clone(&file.file),
+            range,
+        }
+    };
+    Response {
+        head,
+        body,
+        tracking,
+    }
+}
+
+fn whole_untracked(file: &OpenFile, head_only: bool) -> Response {
+    slice(
+        file,
+        ByteRange {
+            start: 0,
+            end: file.len,
+        },
+        Status::Ok,
+        head_only,
+        None,
+    )
+}
+
+/// 304, 412 and 416: validators and, for 416, `Content-Range: bytes */len` (RFC 9110 §15.5.17).
+fn bodiless(status: Status, file: &OpenFile) -> Response {
+    let mut head = Head::new(status);
+    if status == Status::RangeNotSatisfiable {
+        head.field(
+            "Content-Range",
+            ContentRange::Unsatisfied { complete: file.len },
+        );
+    }
+    if status != Status::NotModified {
+        head.field("Content-Length", 0);
+    }
+    representation_fields(&mut head, file);
+    Response {
+        head,
+        body: Body::Empty,
+        tracking: None,
+    }
+}
+
+fn multipart(file: &OpenFile, ranges: &[ByteRange], head_only: bool) -> Response {
+    let boundary = boundary_for(file);
+    let mut parts = Vec::with_capacity(ranges.len());
+    let mut total = 0u64;
+    for r in ranges {
+        let mut b = BytesMut::new();
+        b.put_slice(b"\r\n--");
+        b.put_slice(boundary.as_bytes());
+        b.put_slice(b"\r\nContent-Type: ");
+        b.put_slice(file.content_type.as_bytes());
+        b.put_slice(b"\r\nContent-Range: ");
+        b.put_slice(r.content_range(file.len).to_string().as_bytes());
+        b.put_slice(b"\r\n\r\n");
+        total += b.len() as u64 + r.len();
+        parts.push((b.freeze(), *r));
+    }
+    let end = Bytes::from(format!("\r\n--{boundary}--\r\n"));
+    total += end.len() as u64;
+    let mut head = Head::new(Status::PartialContent);
+    head.field(
+        "Content-Type",
+        format_args!("multipart/byteranges; boundary={boundary}"),
+    )
+    .field("Content-Length", total);
+    representation_fields(&mut head, file);
+    let body = if head_only {
+        Body::Empty
+    } else {
+        Body::Multipart {
+            file: Arc::clone(&file.file),
+            parts,
+            end,
+        }
+    };
+    Response {
+        head,
+        body,
+        tracking: None,
+    }
+}
+
+/// A boundary that cannot occur in practice inside the file: derived from the version and
+/// randomised per response.
+fn boundary_for(file: &OpenFile) -> String {
+    format!("roam-{:016x}-{:016x}", file.version, rand::random::<u64>())
+}
+
+/// The answer for a failed request: a short plain-text reason.
+pub fn error_response(err: &RequestError, head_only: bool) -> Response {
+    let d = err.disposition();
+    let body = Bytes::from(err.body());
+    let mut head = Head::new(d.status);
+    head.field("Content-Type", "text/plain; charset=utf-8")
+        .field("Content-Length", body.len())
+        .field("Cache-Control", "no-store");
+    match err {
+        RequestError::MethodNotAllowed => {
+            head.field("Allow", "GET, HEAD");
+        }
+        RequestError::SessionsFull => {
+            head.field("Retry-After", 60);
+        }
+        _ => {}
+    }
+    Response {
+        head,
+        body: if head_only {
+            Body::Empty
+        } else {
+            Body::Bytes(body)
+        },
+        tracking: None,
+    }
+}

@@ -1,0 +1,125 @@
+//! Response heads: status codes and the bytes of a head, rendered into one buffer so the head
+//! goes out in a single write.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+/// The `Server` field value.
+pub const SERVER: &str = concat!("roam/", env!("CARGO_PKG_VERSION"));
+
+/// The statuses roam sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    PartialContent,
+    NotModified,
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    RequestTimeout,
+    PreconditionFailed,
+    UriTooLong,
+    RangeNotSatisfiable,
+    HeadersTooLarge,
+    InternalServerError,
+    ServiceUnavailable,
+}
+
+impl Status {
+    pub fn code(self) -> u16 {
+        match self {
+            Status::Ok => 200,
+            Status::PartialContent => 206,
+            Status::NotModified => 304,
+            Status::BadRequest => 400,
+            Status::NotFound => 404,
+            Status::MethodNotAllowed => 405,
+            Status::RequestTimeout => 408,
+            Status::PreconditionFailed => 412,
+            Status::UriTooLong => 414,
+            Status::RangeNotSatisfiable => 416,
+            Status::HeadersTooLarge => 431,
+            Status::InternalServerError => 500,
+            Status::ServiceUnavailable => 503,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::PartialContent => "Partial Content",
+            Status::NotModified => "Not Modified",
+            Status::BadRequest => "Bad Request",
+            Status::NotFound => "Not Found",
+            Status::MethodNotAllowed => "Method Not Allowed",
+            Status::RequestTimeout => "Request Timeout",
+            Status::PreconditionFailed => "Precondition Failed",
+            Status::UriTooLong => "URI Too Long",
+            Status::RangeNotSatisfiable => "Range Not Satisfiable",
+            Status::HeadersTooLarge => "Request Header Fields Too Large",
+            Status::InternalServerError => "Internal Server Error",
+            Status::ServiceUnavailable => "Service Unavailable",
+        }
+    }
+}
+
+/// A response head being written: status line, `Date` and `Server` first, then fields.
+#[derive(Debug)]
+pub struct Head {
+    buf: BytesMut,
+    status: Status,
+}
+
+impl Head {
+    pub fn new(status: Status) -> Head {
+        let mut buf = BytesMut::with_capacity(320);
+        // Writing to a BytesMut cannot fail.
+        let _ = write!(
+            buf,
+            "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {SERVER}\r\n",
+            status.code(),
+            status.reason(),
+            httpdate::fmt_http_date(SystemTime::now())
+        );
+        Head { buf, status }
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    /// Appends a field. Values are ours (numbers, validated strings), never raw client input.
+    pub fn field(&mut self, name: &str, value: impl std::fmt::Display) -> &mut Self {
+        let _ = write!(self.buf, "{name}: {value}\r\n");
+        self
+    }
+
+    /// Ends the head. `Connection: close` when we will close; `keep-alive` is spelled out only
+    /// for HTTP/1.0 clients, for whom it is not the default.
+    pub fn finish(mut self, close: bool, http10: bool) -> Bytes {
+        if close {
+            self.buf.put_slice(b"Connection: close\r\n");
+        } else if http10 {
+            self.buf.put_slice(b"Connection: keep-alive\r\n");
+        }
+        self.buf.put_slice(b"\r\n");
+        self.buf.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_layout() {
+        let mut h = Head::new(Status::PartialContent);
+        h.field("Content-Length", 5);
+        let bytes = h.finish(true, false);
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.starts_with("HTTP/1.1 206 Partial Content\r\nDate: "));
+        assert!(text.contains("\r\nServer: roam/"));
+        assert!(text.ends_with("Content-Length: 5\r\nConnection: close\r\n\r\n"));
+    }
+}

@@ -1,0 +1,134 @@
+//! The accept loop: a connection cap taken before accepting, backoff on accept errors, one task
+//! per connection, the session sweeper, and graceful shutdown with a hard deadline. The
+//! listener and the shutdown signal are injected, so tests bind port 0 and stop the server
+//! with a channel.
+
+use crate::conn;
+use crate::service::Service;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// First pause after an accept error that means "out of resources"; doubles up to the max.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Serves connections from `listener` until `shutdown` completes, then stops accepting at once,
+/// lets every connection record its progress and close, and returns after at most
+/// `config.shutdown_timeout`.
+pub async fn run(listener: TcpListener, svc: Arc<Service>, shutdown: impl Future<Output = ()>) {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(svc.config.max_connections));
+    tracker.spawn(sweep_sessions(Arc::clone(&svc), cancel.clone()));
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::ZERO;
+    let mut failed_accepts = 0u64;
+    loop {
+        // Taking the permit first means a full server leaves new connections in the kernel's
+        // backlog instead of accepting and dropping them.
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut shutdown => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if failed_accepts > 0 {
+                    tracing::info!(failed_accepts, "accepting again");
+                    failed_accepts = 0;
+                }
+                backoff = Duration::ZERO;
+                let svc = Arc::clone(&svc);
+                let cancel = cancel.clone();
+                tracker.spawn(async move {
+                    conn::serve(stream, peer, svc, cancel).await;
+                    drop(permit);
+                });
+            }
+            Err(e) if is_per_connection(&e) => {}
+            Err(e) => {
+                // EMFILE and friends: the error repeats until something frees up, so retrying at
+                // once would spin a core. Log the first of a burst only.
+                failed_accepts += 1;
+                if failed_accepts == 1 {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                }
+                backoff = (backoff * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = &mut shutdown => break,
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        connections = tracker.len(),
+        "shutting down: no longer accepting"
+    );
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(svc.config.shutdown_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = tracker.len(),
+            "shutdown deadline reached; abandoning remaining connections"
+        );
+    }
+}
+
+/// Errors that concern only the connection being accepted, not the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::PermissionDenied
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// Forgets idle sessions periodically: often enough that expiry is within a few percent of the
+/// TTL, never more than once a second.
+async fn sweep_sessions(svc: Arc<Service>, cancel: CancellationToken) {
+    let period =
+        (svc.config.session_ttl / 16).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let expired = svc.store.expire();
+                if expired > 0 {
+                    tracing::debug!(expired, remaining = svc.store.len(), "expired idle sessions");
+                }
+            }
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Binds a listener with a backlog sized for bursts of thousands of connections.
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(socket.into())
+}

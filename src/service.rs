@@ -1,0 +1,65 @@
+//! The state every connection shares: configuration, the served root, the ID authority, the
+//! progress store and the registry of session owners. One `Arc<Service>` per server.
+
+use crate::config::Config;
+use crate::files::Root;
+use crate::id::IdAuthority;
+use crate::store::{FileIds, MemoryStore, ProgressStore};
+use crate::takeover::Owners;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Shared server state. Cheap to reach from any task through an `Arc`.
+#[derive(Debug)]
+pub struct Service {
+    pub config: Config,
+    pub root: Root,
+    pub ids: IdAuthority,
+    pub store: Arc<dyn ProgressStore>,
+    pub files: FileIds,
+    pub owners: Arc<Owners>,
+    connection_ids: AtomicU64,
+}
+
+impl std::fmt::Debug for dyn ProgressStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProgressStore {{ len: {} }}", self.len())
+    }
+}
+
+impl Service {
+    /// A service with the in-memory store sized from `config`.
+    pub fn new(config: Config) -> io::Result<Arc<Service>> {
+        let store = Arc::new(MemoryStore::new(config.max_sessions, config.session_ttl));
+        Self::with_store(config, store)
+    }
+
+    /// A service over any progress backend.
+    pub fn with_store(config: Config, store: Arc<dyn ProgressStore>) -> io::Result<Arc<Service>> {
+        let root = Root::open(&config.root).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot serve {}: {e}", config.root.display()),
+            )
+        })?;
+        let ids = match &config.id_secret {
+            Some(secret) => IdAuthority::new(secret),
+            None => IdAuthority::random(),
+        };
+        Ok(Arc::new(Service {
+            config,
+            root,
+            ids,
+            store,
+            files: FileIds::default(),
+            owners: Arc::new(Owners::default()),
+            connection_ids: AtomicU64::new(0),
+        }))
+    }
+
+    /// A fresh connection number.
+    pub fn next_connection_id(&self) -> u64 {
+        self.connection_ids.fetch_add(1, Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,189 @@
+//! The few system calls roam needs that std, tokio and socket2 do not wrap: reading what the
+//! peer's TCP acknowledged, zero-copy file sends, and confined opens. All of the crate's `unsafe`
+//! lives here; every other module is `#![deny(unsafe_code)]`.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::RawFd;
+#[cfg(target_os = "linux")]
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// What the kernel can tell about the bytes a TCP connection has sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckCounter {
+    /// `tcpi_bytes_acked`: bytes the peer acknowledged over the connection's whole life
+    /// (Linux 4.1+). Counts a FIN we sent as one byte once it is acknowledged.
+    BytesAcked(u64),
+    /// `SIOCOUTQ`: bytes written but not yet acknowledged (sent or not), for kernels whose
+    /// `tcp_info` is too short to hold `tcpi_bytes_acked`.
+    Outstanding(u64),
+    /// No way to ask on this platform: callers must fall back to bytes written.
+    Unknown,
+}
+
+/// Asks the kernel how far the peer's TCP has acknowledged. Works after `EPIPE` and
+/// `ECONNRESET` (the counters outlive the connection) but not after the socket is closed, so
+/// callers read it before dropping the stream.
+#[cfg(target_os = "linux")]
+pub fn ack_counter(fd: RawFd) -> io::Result<AckCounter> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes that lives across the call; the kernel
+    // writes at most `len` bytes and stores the number written back into `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let needed =
+        std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + std::mem::size_of::<u64>();
+    if (len as usize) >= needed {
+        // SAFETY: the struct was zero-initialised (a valid bit pattern for this plain C struct)
+        // and the kernel filled at least the bytes up to and including `tcpi_bytes_acked`.
+        let info = unsafe { info.assume_init() };
+        return Ok(AckCounter::BytesAcked(info.tcpi_bytes_acked));
+    }
+    outstanding_bytes(fd).map(AckCounter::Outstanding)
+}
+
+/// Portable stub: platforms without `TCP_INFO` report nothing and callers count bytes written.
+#[cfg(not(target_os = "linux"))]
+pub fn ack_counter(_fd: RawFd) -> io::Result<AckCounter> {
+    Ok(AckCounter::Unknown)
+}
+
+/// Bytes in the send queue not yet acknowledged by the peer (`SIOCOUTQ`, same value as
+/// `TIOCOUTQ` on Linux).
+#[cfg(target_os = "linux")]
+pub fn outstanding_bytes(fd: RawFd) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int through the pointer, which points at a live local.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued as *mut libc::c_int) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(queued).unwrap_or(0))
+}
+
+/// Copies up to `count` bytes of `file` starting at `offset` to the socket without passing them
+/// through user space. Returns the number of bytes the kernel accepted; `Ok(0)` with
+/// `count > 0` means the file ended before `offset` (it was truncated).
+#[cfg(target_os = "linux")]
+pub fn sendfile(socket: RawFd, file: RawFd, offset: u64, count: usize) -> io::Result<usize> {
+    let mut off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
+    // SAFETY: both descriptors are borrowed from live owners for the duration of the call; the
+    // offset pointer refers to a local the kernel may update.
+    let rc = unsafe { libc::sendfile(socket, file, &mut off, count) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as usize)
+}
+
+/// `send(2)` with `MSG_MORE`, so a response head shares a segment with the body that follows
+/// (the kernel holds a partial segment until the next write instead of pushing it alone).
+/// `MSG_NOSIGNAL` keeps a vanished peer from raising `SIGPIPE`.
+#[cfg(target_os = "linux")]
+pub fn send_more(socket: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid readable slice for its length during the call.
+    let rc = unsafe {
+        libc::send(
+            socket,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_MORE | libc::MSG_NOSIGNAL,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as usize)
+}
+
+/// Caps the bytes that may sit in the send queue not yet handed to the network
+/// (`TCP_NOTSENT_LOWAT`): the socket stops being writable while more than this is unsent, so
+/// what we have written stays close to what the peer has acknowledged.
+#[cfg(target_os = "linux")]
+pub fn set_notsent_lowat(socket: RawFd, bytes: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: passes a pointer to a live c_int and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens `relative` (no leading slash) for reading below the directory `root`, letting the
+/// kernel refuse any resolution that leaves `root` (`..`, absolute symlinks, symlinks whose
+/// target escapes) with `openat2(RESOLVE_BENEATH)`. Symlinks that stay inside `root` work.
+/// Returns `Ok(None)` when the kernel has no `openat2` (before Linux 5.6), so the caller can use
+/// its portable check instead.
+#[cfg(target_os = "linux")]
+pub fn open_beneath(root: RawFd, relative: &std::ffi::CStr) -> io::Result<Option<OwnedFd>> {
+    let mut how: libc::open_how = unsafe {
+        // SAFETY: open_how is a plain C struct of integers; all-zero is valid.
+        std::mem::zeroed()
+    };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `relative` is NUL-terminated and `how` is a live struct whose size we pass; the
+    // syscall returns a new descriptor we take ownership of, or -1.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root,
+            relative.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOSYS) {
+            return Ok(None);
+        }
+        return Err(err);
+    }
+    // SAFETY: a non-negative return is a fresh descriptor owned by no one else.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(rc as RawFd) }))
+}
+
+/// Raises the soft open-file limit to the hard limit: a server holding thousands of
+/// connections needs more than the usual default of 1024 descriptors.
+#[cfg(unix)]
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a pointer to a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads one rlimit from a pointer to a live local.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
+    Ok(lim.rlim_cur as u64)
+}
