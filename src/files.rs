@@ -45,6 +45,8 @@ pub struct OpenFile {
     /// A hash of the ETag: what a session remembers of the version it is downloading.
     pub version: u64,
     pub content_type: &'static str,
+    /// The `Repr-Digest` field value, once computed for this version (see `digest`).
+    pub digest: Option<Arc<str>>,
 }
 
 impl Root {
@@ -92,6 +94,7 @@ impl Root {
             etag,
             version,
             content_type,
+            digest: None,
         })
     }
 

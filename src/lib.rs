@@ -12,7 +12,7 @@
 //! - [`request`]: request heads on httparse, framing and limits.
 //! - [`target`]: request target to route and validated relative path.
 //! - [`id`]: client IDs, minted and verified without server-side state.
-//! - [`files`]: confined opens under the root, validators.
+//! - [`files`]: confined opens under the root, validators; [`digest`]: `Repr-Digest` cache.
 //! - [`precondition`], [`range`]: RFC 9110 conditional requests and byte ranges.
 //! - [`respond`]: the decision: status, head, body, which session it advances.
 //! - [`takeover`]: one sender per session; stale connections are aborted.
@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod delivery;
+pub mod digest;
 pub mod error;
 pub mod files;
 pub mod id;

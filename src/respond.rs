@@ -106,11 +106,13 @@ async fn serve_file(
         IdError::Malformed => RequestError::NotFound("malformed client id"),
         IdError::Unknown => RequestError::NotFound("unknown client id"),
     })?;
-    let file = svc.root.open_file(rel).map_err(|e| match e {
+    let mut file = svc.root.open_file(rel).map_err(|e| match e {
         OpenError::NotFound => RequestError::NotFound("no such file"),
         OpenError::Io(e) => RequestError::Internal(e),
     })?;
-    let key = SessionKey::new(client, svc.files.intern(rel.as_path()));
+    let file_id = svc.files.intern(rel.as_path());
+    file.digest = svc.digests.get_or_start(file_id, &file);
+    let key = SessionKey::new(client, file_id);
     let head_only = req.method == Method::Head;
     let validators = Validators {
         etag: &file.etag,
@@ -133,7 +135,15 @@ async fn serve_file(
     let Some(range_value) = req.range.as_deref() else {
         return resumed(svc, conn, key, file, head_only).await;
     };
-    if !honor_range {
+    // A client resuming with Range but no If-Range (curl -C -, wget -c) whose session began on
+    // another version of the file has a partial copy of that other version: sending it the new
+    // bytes from N would splice two versions, so it is treated like a failed If-Range.
+    let stale_session = req.if_range.is_none()
+        && svc
+            .store
+            .get(&key)
+            .is_some_and(|p| p.version != file.version);
+    if !honor_range || stale_session {
         // If-Range names another version: the client's partial copy is stale, so it gets the
         // whole current file, and that is now its position (RFC 9110 §13.1.5).
         let whole = ByteRange {
@@ -258,6 +268,9 @@ fn representation_fields(head: &mut Head, file: &OpenFile) {
         .field("Accept-Ranges", "bytes")
         // Depends on the client's session: no shared cache may reuse it for anyone.
         .field("Cache-Control", "no-store");
+    if let Some(digest) = &file.digest {
+        head.field("Repr-Digest", digest);
+    }
 }
 
 /// One contiguous slice, `200` when it is the whole file from byte 0, else `206`.

@@ -2,6 +2,7 @@
 //! progress store and the registry of session owners. One `Arc<Service>` per server.
 
 use crate::config::Config;
+use crate::digest::Digests;
 use crate::files::Root;
 use crate::id::IdAuthority;
 use crate::store::{FileIds, MemoryStore, ProgressStore};
@@ -19,6 +20,7 @@ pub struct Service {
     pub store: Arc<dyn ProgressStore>,
     pub files: FileIds,
     pub owners: Arc<Owners>,
+    pub digests: Arc<Digests>,
     connection_ids: AtomicU64,
 }
 
@@ -54,6 +56,7 @@ impl Service {
             store,
             files: FileIds::default(),
             owners: Arc::new(Owners::default()),
+            digests: Arc::new(Digests::default()),
             connection_ids: AtomicU64::new(0),
         }))
     }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs roam's whole test suite, first installing the real tools the tests drive (curl, wget,
+# aria2c, nginx, ip). Tests that need a tool fail under CI=true when it is missing, so this
+# script is what makes a fresh machine able to pass.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+command -v wget >/dev/null || missing+=(wget)
+command -v aria2c >/dev/null || missing+=(aria2)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+cargo test --locked --all-targets

@@ -1,0 +1,155 @@
+//! Representation digests (RFC 9530 `Repr-Digest: sha-256=:…:`), computed once per file version
+//! in the background and cached. A request never waits for a digest: until it is ready the
+//! field is simply omitted, so a multi-gigabyte file costs its first client nothing.
+
+use crate::files::OpenFile;
+use crate::store::FileId;
+use base64::Engine as _;
+use dashmap::DashMap;
+use sha2::{Digest as _, Sha256};
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+/// Digests computed at once: hashing reads whole files, and serving must keep the rest of the
+/// disk bandwidth and the other core.
+const CONCURRENT_DIGESTS: usize = 1;
+
+#[derive(Debug, Clone)]
+enum Known {
+    Computing { version: u64 },
+    Ready { version: u64, field: Arc<str> },
+}
+
+/// Cache of `Repr-Digest` field values by file, one version each.
+#[derive(Debug)]
+pub struct Digests {
+    known: DashMap<FileId, Known>,
+    permits: Arc<Semaphore>,
+}
+
+impl Default for Digests {
+    fn default() -> Self {
+        Digests {
+            known: DashMap::new(),
+            permits: Arc::new(Semaphore::new(CONCURRENT_DIGESTS)),
+        }
+    }
+}
+
+impl Digests {
+    /// The field value for this version of the file if it is known; otherwise starts computing
+    /// it (once) and returns `None`. Must be called inside a Tokio runtime.
+    pub fn get_or_start(self: &Arc<Self>, id: FileId, file: &OpenFile) -> Option<Arc<str>> {
+        match self.known.get(&id).as_deref() {
+            Some(Known::Ready { version, field }) if *version == file.version => {
+                return Some(Arc::clone(field))
+            }
+            Some(Known::Computing { version }) if *version == file.version => return None,
+            _ => {}
+        }
+        self.known.insert(
+            id,
+            Known::Computing {
+                version: file.version,
+            },
+        );
+        let this = Arc::clone(self);
+        let handle = Arc::clone(&file.file);
+        let version = file.version;
+        let etag = file.etag.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = this.permits.acquire().await else {
+                return;
+            };
+            let result =
+                tokio::task::spawn_blocking(move || hash_if_unchanged(&handle, &etag)).await;
+            match result {
+                Ok(Ok(Some(field))) => {
+                    let field: Arc<str> = Arc::from(field);
+                    // Only the computation that was asked for may land: a newer version may have
+                    // started its own meanwhile.
+                    this.known.alter(&id, |_, k| match k {
+                        Known::Computing { version: v } if v == version => {
+                            Known::Ready { version, field }
+                        }
+                        other => other,
+                    });
+                }
+                other => {
+                    if let Ok(Err(e)) = &other {
+                        tracing::warn!(error = %e, "cannot compute a file digest");
+                    }
+                    this.known.remove_if(
+                        &id,
+                        |_, k| matches!(k, Known::Computing { version: v } if *v == version),
+                    );
+                }
+            }
+        });
+        None
+    }
+}
+
+/// Hashes the whole file, then checks that its length and modification time still give the
+/// same ETag: a digest of a file written to during hashing would describe no version at all.
+fn hash_if_unchanged(file: &File, etag: &str) -> io::Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    loop {
+        let n = match file.read_at(&mut buf, pos) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+    }
+    let meta = file.metadata()?;
+    let now =
+        crate::files::strong_etag(meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+    if now != etag || pos != meta.len() {
+        return Ok(None);
+    }
+    Ok(Some(field_value(&hasher.finalize())))
+}
+
+/// `sha-256=:BASE64:` as RFC 9530 §3 writes it (a structured-field dictionary member whose value
+/// is a byte sequence).
+pub fn field_value(sha256: &[u8]) -> String {
+    format!(
+        "sha-256=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(sha256)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc_9530_example_shape() {
+        // RFC 9530 appendix: sha-256 of `{"hello": "world"}`.
+        let d = Sha256::digest(br#"{"hello": "world"}"#);
+        assert_eq!(
+            field_value(&d),
+            "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"
+        );
+    }
+
+    #[test]
+    fn a_file_changed_while_hashing_gets_no_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"abc").unwrap();
+        let f = File::open(&p).unwrap();
+        let meta = f.metadata().unwrap();
+        let etag = crate::files::strong_etag(meta.len(), meta.modified().unwrap());
+        assert!(hash_if_unchanged(&f, &etag).unwrap().is_some());
+        assert_eq!(hash_if_unchanged(&f, "\"stale\"").unwrap(), None);
+    }
+}

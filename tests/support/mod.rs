@@ -1,0 +1,4 @@
+//! Shared integration-test support: a byte-exact disruptive TCP proxy and a network-namespace harness.
+pub mod netns;
+pub mod proxy;
+pub mod server;
