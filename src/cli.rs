@@ -1,7 +1,7 @@
 //! Command-line interface: clap definitions with an environment variable for every flag, and
 //! their conversion into a validated [`Config`].
 
-use crate::config::{self, Config, ConfigError, LogFormat};
+use crate::config::{self, Accounting, Config, ConfigError, LogFormat};
 use clap::{Args, Parser, Subcommand};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -30,6 +30,9 @@ pub struct ServeArgs {
     /// Address to listen on, HOST:PORT (port 0 picks a free port).
     #[arg(long, env = "ROAM_LISTEN", default_value = config::DEFAULT_LISTEN)]
     pub listen: String,
+    /// Runtime worker threads (0: one per CPU the process may run on).
+    #[arg(long, env = "ROAM_WORKERS", default_value_t = 0)]
+    pub workers: usize,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ROAM_LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
@@ -70,6 +73,15 @@ pub struct ServeArgs {
     /// Record confirmed progress at least every this many bytes sent.
     #[arg(long, env = "ROAM_PROGRESS_INTERVAL", default_value_t = config::DEFAULT_PROGRESS_INTERVAL)]
     pub progress_interval: u64,
+    /// What advances a session's offset: bytes the client acknowledged, or bytes written (the
+    /// seed prototype's behaviour, which skips data lost in flight; for measurement only).
+    #[arg(
+        long,
+        env = "ROAM_ACCOUNTING",
+        value_enum,
+        default_value = "acknowledged"
+    )]
+    pub accounting: Accounting,
     /// Longest request line, in bytes (414 beyond).
     #[arg(long, env = "ROAM_MAX_REQUEST_LINE", default_value_t = config::DEFAULT_MAX_REQUEST_LINE)]
     pub max_request_line: usize,
@@ -118,6 +130,7 @@ impl ServeArgs {
         config.max_sessions = self.max_sessions;
         config.shutdown_timeout = self.shutdown_timeout;
         config.progress_interval = self.progress_interval;
+        config.accounting = self.accounting;
         config.limits.max_request_line = self.max_request_line;
         config.limits.max_head = self.max_head;
         config.limits.max_headers = self.max_headers;

@@ -46,6 +46,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// What counts as delivered when a session's offset advances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accounting {
+    /// Bytes the client's TCP acknowledged (`TCP_INFO`): no gap after a vanished path.
+    Acknowledged,
+    /// Bytes handed to the kernel, as the seed prototype counted. Resumes past data still in
+    /// flight; kept only to measure what acknowledged accounting costs and prevents.
+    Written,
+}
+
 /// The server's validated settings.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -63,6 +73,7 @@ pub struct Config {
     pub max_sessions: usize,
     pub shutdown_timeout: Duration,
     pub progress_interval: u64,
+    pub accounting: Accounting,
     pub limits: Limits,
     pub allow_dotfiles: bool,
     /// Secret that keys client IDs; random per process when absent.
@@ -92,6 +103,7 @@ impl Config {
             max_sessions: DEFAULT_MAX_SESSIONS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
+            accounting: Accounting::Acknowledged,
             limits: Limits {
                 max_request_line: DEFAULT_MAX_REQUEST_LINE,
                 max_head: DEFAULT_MAX_HEAD,

@@ -5,6 +5,7 @@
 //! for the next request, and once more before the socket is dropped (the kernel's counters
 //! outlive `EPIPE` and `ECONNRESET`, not `close`).
 
+use crate::config::Accounting;
 use crate::delivery::{BodySpan, Ledger};
 use crate::error::RequestError;
 use crate::request::{self, Method, Request};
@@ -53,9 +54,11 @@ struct Pending {
 /// How a connection ends.
 #[derive(Debug)]
 enum End {
-    /// Orderly: answer sent (or client done), close after draining.
+    /// Orderly: answer sent, client done, or the server is shutting down (a body cut short by
+    /// shutdown ends with a FIN; its `Content-Length` tells the client it is incomplete). Close
+    /// after the peer acknowledged what we wrote, so the recorded offset is exact.
     Graceful,
-    /// Stop sending at once and reset: taken over, shutting down, or the file changed under us.
+    /// Stop sending at once and reset: taken over, or the file changed under us.
     Abort(&'static str),
     /// The peer is gone (reset, broken pipe, stalled past the timeout).
     Gone(io::Error),
@@ -299,12 +302,15 @@ impl Connection {
         if self.pending.is_empty() {
             return;
         }
-        let counter = match sys::ack_counter(self.fd) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read TCP_INFO");
-                return;
-            }
+        let counter = match self.svc.config.accounting {
+            Accounting::Written => AckCounter::Unknown,
+            Accounting::Acknowledged => match sys::ack_counter(self.fd) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read TCP_INFO");
+                    return;
+                }
+            },
         };
         let delivered = self.ledger.delivered(counter);
         let store = &self.svc.store;
@@ -322,7 +328,7 @@ impl Connection {
         tokio::select! {
             biased;
             _ = self.handle.abort.cancelled() => Err(End::Abort("taken over")),
-            _ = self.shutdown.cancelled() => Err(End::Abort("shutting down")),
+            _ = self.shutdown.cancelled() => Err(End::Graceful),
             r = tokio::time::timeout(stall, self.stream.writable()) => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(End::Gone(e)),
@@ -398,7 +404,7 @@ impl Connection {
             return Err(End::Abort("taken over"));
         }
         if self.shutdown.is_cancelled() {
-            return Err(End::Abort("shutting down"));
+            return Err(End::Graceful);
         }
         Ok(())
     }
@@ -502,12 +508,11 @@ impl Connection {
         Ok(())
     }
 
-    /// Ends the connection, recording final progress first.
+    /// Ends the connection: records final progress, closes the socket, and only then releases
+    /// the sessions it owned, so a successor never starts while this socket can still send.
     async fn close(mut self, end: End) {
         match end {
-            End::Graceful => {
-                self.linger().await;
-            }
+            End::Graceful => self.linger().await,
             End::Abort(why) => {
                 // An RST: SO_LINGER 0 discards the send queue, so not one more byte reaches the
                 // peer after the offset we record below.
@@ -520,45 +525,60 @@ impl Connection {
             }
         }
         self.settle();
-        self.pending.clear();
+        let Connection {
+            stream, pending, ..
+        } = self;
+        drop(stream);
+        drop(pending);
     }
 
-    /// Orderly close: send our FIN after the last response, keep confirming the bodies still
-    /// in flight, and drain what the peer sends so that unread bytes do not make the kernel
-    /// reset the connection (destroying the end of our response) when we close.
+    /// True when the peer has acknowledged every byte we wrote (or we cannot tell).
+    fn all_delivered(&self) -> bool {
+        match sys::ack_counter(self.fd) {
+            Ok(counter) => self.ledger.delivered(counter) >= self.ledger.written(),
+            Err(_) => true,
+        }
+    }
+
+    /// Orderly close: send our FIN after the last byte, wait (bounded by the write-stall timeout)
+    /// until the peer has acknowledged the tracked bodies so their offsets are exact, and drain
+    /// what the peer sends so that unread request bytes do not make the kernel reset the
+    /// connection (destroying the end of our response) when we close.
     async fn linger(&mut self) {
         let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
         let started = Instant::now();
         let ack_deadline = started + self.svc.config.write_stall_timeout;
+        let read_deadline = started + LINGER_READ;
+        let mut peer_done = false;
         let mut scratch = [0u8; 1024];
         loop {
             self.settle();
             let now = Instant::now();
-            let waiting_for_acks = !self.pending.is_empty() && now < ack_deadline;
-            if !waiting_for_acks && now >= started + LINGER_READ {
+            let awaiting_acks =
+                !self.pending.is_empty() && now < ack_deadline && !self.all_delivered();
+            if !awaiting_acks && (peer_done || now >= read_deadline) {
                 return;
             }
-            let deadline = if waiting_for_acks {
+            let wake = if awaiting_acks {
                 now + SETTLE_TICK
             } else {
-                started + LINGER_READ
+                read_deadline
             };
             tokio::select! {
                 biased;
                 _ = self.handle.abort.cancelled() => return,
-                r = self.stream.readable() => {
+                r = self.stream.readable(), if !peer_done => {
                     if r.is_err() {
                         return;
                     }
                     match self.stream.try_read(&mut scratch) {
-                        Ok(0) if self.pending.is_empty() => return,
-                        Ok(0) => tokio::time::sleep(SETTLE_TICK).await,
+                        Ok(0) => peer_done = true,
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => return,
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
     }

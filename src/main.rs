@@ -24,12 +24,17 @@ fn main() -> ExitCode {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let log_format = args.log_format;
+    let workers = match args.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let config = args.into_config()?;
     init_tracing(log_format);
     if let Err(e) = roam::sys::raise_fd_limit() {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -43,6 +48,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let cfg = &svc.config;
         tracing::info!(
             %addr,
+            workers,
             root = %svc.root.path().display(),
             max_connections = cfg.max_connections,
             backlog = cfg.backlog,
@@ -54,6 +60,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             session_ttl = ?cfg.session_ttl,
             max_sessions = cfg.max_sessions,
             shutdown_timeout = ?cfg.shutdown_timeout,
+            accounting = ?cfg.accounting,
             allow_dotfiles = cfg.allow_dotfiles,
             persistent_ids = cfg.id_secret.is_some(),
             "serving"

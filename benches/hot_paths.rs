@@ -1,0 +1,93 @@
+//! Per-call costs on the request path: parsing a head, parsing a Range, reading the kernel's
+//! acknowledgement counter (what confirmed-delivery accounting adds per settle), and progress
+//! store operations.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use roam::request::{self, Limits};
+use roam::store::{FileId, MemoryStore, ProgressStore, SessionKey};
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+const HEAD: &[u8] = b"GET /0f3a5c7e-1b2d-8e4f-a6b8-c0d2e4f60819/videos/trip.mp4 HTTP/1.1\r\n\
+Host: phone.example:8080\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\nRange: bytes=1048576-\r\n\
+If-Range: \"1f400000-18eb249dbbe00938\"\r\n\r\n";
+
+fn parsing(c: &mut Criterion) {
+    let limits = Limits {
+        max_request_line: 8192,
+        max_head: 16384,
+        max_headers: 64,
+    };
+    c.bench_function("request head parse", |b| {
+        b.iter(|| request::parse(black_box(HEAD), &limits).unwrap().unwrap())
+    });
+    c.bench_function("range parse+plan (open-ended)", |b| {
+        b.iter(|| {
+            let specs = roam::range::parse(black_box("bytes=1048576-")).unwrap();
+            roam::range::plan(&specs, 1 << 30)
+        })
+    });
+    c.bench_function("range parse+plan (5 ranges)", |b| {
+        b.iter(|| {
+            let specs =
+                roam::range::parse(black_box("bytes=0-99,200-299,-100,5000-,400-450")).unwrap();
+            roam::range::plan(&specs, 1 << 20)
+        })
+    });
+}
+
+fn tcp_info(c: &mut Criterion) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let fd = server.as_raw_fd();
+    c.bench_function("TCP_INFO bytes_acked read", |b| {
+        b.iter(|| roam::sys::ack_counter(black_box(fd)).unwrap())
+    });
+    c.bench_function("SIOCOUTQ read", |b| {
+        b.iter(|| roam::sys::outstanding_bytes(black_box(fd)).unwrap())
+    });
+    drop(client);
+    let mut sink = Vec::new();
+    let _ = (&server).read_to_end(&mut sink);
+}
+
+fn store(c: &mut Criterion) {
+    let n: u64 = std::env::var("ROAM_BENCH_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let store = MemoryStore::new(usize::MAX, Duration::from_secs(3600));
+    let key = |i: u64| SessionKey {
+        client: [i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i],
+        file: FileId((i % 7) as u32),
+    };
+    for i in 0..n {
+        store.begin(key(i), 1, 0).unwrap();
+    }
+    let mut i = 0u64;
+    c.bench_function(&format!("store advance ({n} sessions)"), |b| {
+        b.iter(|| {
+            i = (i + 7919) % n;
+            store.advance(&key(i), roam::store::Epoch(0), black_box(i))
+        })
+    });
+    c.bench_function(&format!("store get ({n} sessions)"), |b| {
+        b.iter(|| {
+            i = (i + 7919) % n;
+            store.get(&key(i))
+        })
+    });
+    let mut next = n;
+    c.bench_function(&format!("store begin new key ({n}+ sessions)"), |b| {
+        b.iter(|| {
+            next += 1;
+            store.begin(key(next), 1, 0)
+        })
+    });
+}
+
+criterion_group!(benches, parsing, tcp_info, store);
+criterion_main!(benches);
