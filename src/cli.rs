@@ -20,6 +20,57 @@ pub enum Command {
     /// Serve a folder: `GET /` mints a client ID, `GET /{id}/{path}` resumes that client's
     /// download of `path` exactly where its TCP connection left off.
     Serve(ServeArgs),
+    /// Download a file and finish it however often the connection breaks.
+    ///
+    /// URL is a roam server plus a file path (http://host:8080/video.mp4: the client mints its
+    /// own ID), a full http://host:8080/{id}/{path} URL, or any URL on a server that supports
+    /// standard byte ranges. Bytes go to FILE.part until the download is complete and verified
+    /// against the server's Repr-Digest; running the same command again resumes.
+    ///
+    /// Exit codes: 0 done, 1 local error (disk, state file), 2 usage, 3 the server refused
+    /// (4xx), 4 gave up (retries or time limit), 5 integrity check failed (FILE.part kept).
+    Get(GetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// What to download (http:// only).
+    pub url: String,
+    /// Where to put the finished file (default: the URL's last path segment).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// No byte for this long counts as a broken connection: reconnect.
+    #[arg(long, env = "ROAM_GET_STALL_TIMEOUT", value_parser = duration, default_value = "10s")]
+    pub stall_timeout: Duration,
+    /// Give up after this many consecutive attempts that received nothing.
+    #[arg(long, env = "ROAM_GET_RETRIES", default_value_t = 20)]
+    pub retries: u32,
+    /// Longest pause between attempts (pauses grow exponentially, with jitter).
+    #[arg(long, env = "ROAM_GET_MAX_RETRY_DELAY", value_parser = duration, default_value = "5s")]
+    pub max_retry_delay: Duration,
+    /// Give up after this long in total (0 for never).
+    #[arg(long, env = "ROAM_GET_MAX_TIME", value_parser = duration, default_value = "1h")]
+    pub max_time: Duration,
+    /// Do not mint a roam client ID even if the server is roam: plain Range requests only.
+    #[arg(long)]
+    pub plain: bool,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl GetArgs {
+    pub fn options(&self) -> crate::client::GetOptions {
+        crate::client::GetOptions {
+            url: self.url.clone(),
+            output: self.output.clone(),
+            stall_timeout: self.stall_timeout,
+            retries: self.retries,
+            max_time: self.max_time,
+            max_retry_delay: self.max_retry_delay,
+            plain: self.plain,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -155,7 +206,9 @@ mod tests {
     #[test]
     fn defaults_validate() {
         let cli = Cli::try_parse_from(["roam", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         let config = args.into_config().unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(config.header_timeout, Duration::from_secs(10));
@@ -164,7 +217,9 @@ mod tests {
     #[test]
     fn bad_values_are_refused_with_the_flag_name() {
         let cli = Cli::try_parse_from(["roam", "serve", "--max-headers", "0"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         assert!(args
             .into_config()
             .unwrap_err()
@@ -172,7 +227,9 @@ mod tests {
             .contains("--max-headers"));
         assert!(Cli::try_parse_from(["roam", "serve", "--idle-timeout", "soon"]).is_err());
         let cli = Cli::try_parse_from(["roam", "serve", "--listen", "nonsense"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         assert!(args
             .into_config()
             .unwrap_err()

@@ -21,9 +21,13 @@
 //! - [`response`], [`error`]: response heads; the one error-to-status mapping.
 //! - [`sys`]: the only `unsafe`: TCP_INFO, SIOCOUTQ, sendfile, openat2.
 //! - [`service`], [`config`], [`cli`]: shared state and settings.
+//!
+//! [`client`] is `roam get`, the download client: it uses none of the server modules but
+//! [`id`]'s ID format.
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod conn;
 pub mod delivery;

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use roam::cli::{Cli, Command, ServeArgs};
+use roam::cli::{Cli, Command, GetArgs, ServeArgs};
 use roam::config::LogFormat;
 use std::io::Write;
 use std::process::ExitCode;
@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Get(args) => return get(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,6 +70,42 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+fn get(args: GetArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("roam get: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut reporter = roam::client::Reporter::new(args.quiet);
+    let result = runtime.block_on(roam::client::get(&args.options(), &mut reporter));
+    reporter.finish();
+    match result {
+        Ok(summary) => {
+            if !args.quiet {
+                eprintln!(
+                    "roam get: {} complete: {} bytes{}, {} bytes received, {} reconnects, {} restarts",
+                    summary.path.display(),
+                    summary.length,
+                    if summary.verified { ", sha-256 verified" } else { "" },
+                    summary.received,
+                    summary.reconnects,
+                    summary.restarts
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("roam get: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 fn init_tracing(format: LogFormat) {
