@@ -145,10 +145,35 @@ pub struct ServeArgs {
     /// Serve files and folders whose names start with a dot (refused by default).
     #[arg(long, env = "ROAM_ALLOW_DOTFILES")]
     pub allow_dotfiles: bool,
+    /// Limit minting IDs per source address (IPv6 per /64), as RATE/s or RATE/s,BURST (e.g.
+    /// 10/s,50). Off by default: carriers put many phones behind one address.
+    #[arg(long, env = "ROAM_MINT_RATE", value_parser = mint_rate)]
+    pub mint_rate: Option<(f64, u32)>,
     /// File holding the secret that keys client IDs (at least 16 bytes). Servers sharing it
     /// accept each other's IDs; without it IDs are valid until the process exits.
     #[arg(long, env = "ROAM_ID_SECRET_FILE")]
     pub id_secret_file: Option<PathBuf>,
+}
+
+fn mint_rate(s: &str) -> Result<(f64, u32), String> {
+    let (rate, burst) = match s.split_once(',') {
+        Some((r, b)) => (r, Some(b)),
+        None => (s, None),
+    };
+    let rate: f64 = rate
+        .trim()
+        .strip_suffix("/s")
+        .ok_or("expected RATE/s or RATE/s,BURST, e.g. 10/s,50")?
+        .parse()
+        .map_err(|_| "the rate must be a number, e.g. 10/s")?;
+    let burst = match burst {
+        Some(b) => b
+            .trim()
+            .parse()
+            .map_err(|_| "the burst must be a whole number")?,
+        None => rate.ceil().max(1.0) as u32,
+    };
+    Ok((rate, burst))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -186,6 +211,7 @@ impl ServeArgs {
         config.limits.max_head = self.max_head;
         config.limits.max_headers = self.max_headers;
         config.allow_dotfiles = self.allow_dotfiles;
+        config.mint_rate = self.mint_rate;
         config.id_secret = id_secret;
         config.validate()
     }

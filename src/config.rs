@@ -76,6 +76,9 @@ pub struct Config {
     pub accounting: Accounting,
     pub limits: Limits,
     pub allow_dotfiles: bool,
+    /// Per-address mint limit: (IDs per second, burst). `None`: unlimited (the default, since
+    /// carriers put many phones behind one address).
+    pub mint_rate: Option<(f64, u32)>,
     /// Secret that keys client IDs; random per process when absent.
     pub id_secret: Option<Vec<u8>>,
 }
@@ -110,6 +113,7 @@ impl Config {
                 max_headers: DEFAULT_MAX_HEADERS,
             },
             allow_dotfiles: false,
+            mint_rate: None,
             id_secret: None,
         }
     }
@@ -150,6 +154,12 @@ impl Config {
         }
         if self.progress_interval == 0 {
             return bad("--progress-interval must be at least 1 byte");
+        }
+        if self
+            .mint_rate
+            .is_some_and(|(rate, burst)| !(rate > 0.0 && rate.is_finite()) || burst == 0)
+        {
+            return bad("--mint-rate must be a positive rate with a burst of at least 1");
         }
         if self.id_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return bad("the ID secret must be at least 16 bytes");

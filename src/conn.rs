@@ -98,6 +98,7 @@ pub async fn serve(
     let handle = ConnectionHandle {
         id: svc.next_connection_id(),
         abort: CancellationToken::new(),
+        peer: peer.ip(),
     };
     let mut conn = Connection {
         stream,

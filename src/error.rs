@@ -32,6 +32,9 @@ pub enum RequestError {
     /// Unknown or malformed client ID, missing file, refused path. The reason is safe to show.
     #[error("not found: {0}")]
     NotFound(&'static str),
+    /// This address minted IDs faster than `--mint-rate` allows.
+    #[error("too many client IDs minted from this address; retry later")]
+    MintRateLimited,
     /// The progress store is at its session cap.
     #[error("too many download sessions")]
     SessionsFull,
@@ -65,6 +68,7 @@ impl RequestError {
             RequestError::HeadTimeout => (RequestTimeout, true, false),
             RequestError::MethodNotAllowed => (MethodNotAllowed, false, false),
             RequestError::NotFound(_) => (NotFound, false, false),
+            RequestError::MintRateLimited => (TooManyRequests, false, false),
             RequestError::SessionsFull => (ServiceUnavailable, false, true),
             RequestError::Internal(_) => (InternalServerError, false, true),
         };

@@ -11,7 +11,8 @@
 //!   progress.
 //! - [`request`]: request heads on httparse, framing and limits.
 //! - [`target`]: request target to route and validated relative path.
-//! - [`id`]: client IDs, minted and verified without server-side state.
+//! - [`id`]: client IDs, minted and verified without server-side state; [`limit`]: optional
+//!   mint rate limit.
 //! - [`files`]: confined opens under the root, validators; [`digest`]: `Repr-Digest` cache.
 //! - [`precondition`], [`range`]: RFC 9110 conditional requests and byte ranges.
 //! - [`respond`]: the decision: status, head, body, which session it advances.
@@ -35,6 +36,7 @@ pub mod digest;
 pub mod error;
 pub mod files;
 pub mod id;
+pub mod limit;
 pub mod precondition;
 pub mod range;
 pub mod request;

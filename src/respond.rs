@@ -72,7 +72,14 @@ pub async fn respond(
         TargetError::Refused => RequestError::NotFound("no such file"),
     })?;
     match route {
-        Route::Mint => Ok(mint(svc, req.method == Method::Head)),
+        Route::Mint => {
+            if let Some(limiter) = &svc.mint_limiter {
+                if req.method == Method::Get && !limiter.allow(conn.peer) {
+                    return Err(RequestError::MintRateLimited);
+                }
+            }
+            Ok(mint(svc, req.method == Method::Head))
+        }
         Route::File { id, path } => serve_file(svc, req, conn, id, &path).await,
     }
 }
@@ -397,6 +404,9 @@ pub fn error_response(err: &RequestError, head_only: bool) -> Response {
         }
         RequestError::SessionsFull => {
             head.field("Retry-After", 60);
+        }
+        RequestError::MintRateLimited => {
+            head.field("Retry-After", 1);
         }
         _ => {}
     }

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::digest::Digests;
 use crate::files::Root;
 use crate::id::IdAuthority;
+use crate::limit::MintLimiter;
 use crate::store::{FileIds, MemoryStore, ProgressStore};
 use crate::takeover::Owners;
 use std::io;
@@ -21,6 +22,8 @@ pub struct Service {
     pub files: FileIds,
     pub owners: Arc<Owners>,
     pub digests: Arc<Digests>,
+    /// Present when `--mint-rate` is set.
+    pub mint_limiter: Option<MintLimiter>,
     connection_ids: AtomicU64,
 }
 
@@ -49,6 +52,9 @@ impl Service {
             Some(secret) => IdAuthority::new(secret),
             None => IdAuthority::random(),
         };
+        let mint_limiter = config
+            .mint_rate
+            .map(|(rate, burst)| MintLimiter::new(rate, burst));
         Ok(Arc::new(Service {
             config,
             root,
@@ -57,6 +63,7 @@ impl Service {
             files: FileIds::default(),
             owners: Arc::new(Owners::default()),
             digests: Arc::new(Digests::default()),
+            mint_limiter,
             connection_ids: AtomicU64::new(0),
         }))
     }

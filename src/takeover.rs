@@ -24,6 +24,8 @@ pub struct ConnectionHandle {
     /// Unique per connection for the server's lifetime.
     pub id: u64,
     pub abort: CancellationToken,
+    /// The peer's address (for per-address limits).
+    pub peer: std::net::IpAddr,
 }
 
 #[derive(Debug)]
@@ -144,6 +146,7 @@ mod tests {
         ConnectionHandle {
             id,
             abort: CancellationToken::new(),
+            peer: [127, 0, 0, 1].into(),
         }
     }
 
