@@ -38,6 +38,43 @@ const SENDFILE_CHUNK: usize = 1 << 20;
 /// bytes do not turn our close into a reset that destroys the response in flight.
 const LINGER_READ: Duration = Duration::from_secs(2);
 
+/// At most one warning a second for server-side request failures.
+static OURS_LOG: LogThrottle = LogThrottle::new();
+
+/// Admits one log line per second and counts the lines it held back.
+struct LogThrottle {
+    last_second: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    const fn new() -> Self {
+        LogThrottle {
+            last_second: std::sync::atomic::AtomicU64::new(u64::MAX),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed since the last admitted one)` if this line may be logged.
+    fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_second.load(Relaxed);
+        if last != now
+            && self
+                .last_second
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Relaxed));
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
+    }
+}
+
 /// A body whose confirmation is not yet complete.
 #[derive(Debug)]
 struct Pending {
@@ -180,7 +217,11 @@ impl Connection {
     fn log_error(&self, err: &RequestError, req: Option<&Request>) {
         let target = req.map(|r| r.target.as_str()).unwrap_or("");
         if err.disposition().ours {
-            tracing::warn!(peer = %self.peer, target, error = %err, "request failed");
+            // Our own failures (descriptor exhaustion, a full store) come in bursts: one line a
+            // second with the count of what was suppressed, not one per request.
+            if let Some(suppressed) = OURS_LOG.admit() {
+                tracing::warn!(peer = %self.peer, target, error = %err, suppressed, "request failed");
+            }
         } else {
             tracing::debug!(peer = %self.peer, target, error = %err, "request refused");
         }
