@@ -34,6 +34,9 @@ const READ_CHUNK: usize = 2048;
 const SETTLE_TICK: Duration = Duration::from_millis(20);
 /// Largest sendfile call; bounded so milestones and cancellation checks happen regularly.
 const SENDFILE_CHUNK: usize = 1 << 20;
+/// Longest wait for in-flight acknowledgements before an abort (Linux delays ACKs by up to
+/// 40 ms).
+const FINAL_ACK_WAIT: Duration = Duration::from_millis(50);
 /// After our last response, how long we keep reading (and discarding) so that unread request
 /// bytes do not turn our close into a reset that destroys the response in flight.
 const LINGER_READ: Duration = Duration::from_secs(2);
@@ -556,6 +559,7 @@ impl Connection {
         match end {
             End::Graceful => self.linger().await,
             End::Abort(why) => {
+                self.await_final_acks().await;
                 // An RST: SO_LINGER 0 discards the send queue, so not one more byte reaches the
                 // peer after the offset we record below.
                 let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
@@ -572,6 +576,20 @@ impl Connection {
         } = self;
         drop(stream);
         drop(pending);
+    }
+
+    /// Before aborting, gives acknowledgements already on their way a moment to arrive: a
+    /// receiver delays its ACK by up to 40 ms, and a client that got the last bytes and
+    /// reconnected at once would otherwise be recorded short and sent those bytes again. We
+    /// write nothing meanwhile, so waiting can only make the record more exact.
+    async fn await_final_acks(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + FINAL_ACK_WAIT;
+        while !self.all_delivered() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// True when the peer has acknowledged every byte we wrote (or we cannot tell).

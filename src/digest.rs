@@ -9,6 +9,7 @@ use dashmap::DashMap;
 use sha2::{Digest as _, Sha256};
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
@@ -27,6 +28,9 @@ enum Known {
 pub struct Digests {
     known: DashMap<FileId, Known>,
     permits: Arc<Semaphore>,
+    /// Set at shutdown: hashing stops at the next chunk, so a multi-gigabyte file cannot hold
+    /// the process past its shutdown deadline.
+    stopped: Arc<AtomicBool>,
 }
 
 impl Default for Digests {
@@ -34,11 +38,18 @@ impl Default for Digests {
         Digests {
             known: DashMap::new(),
             permits: Arc::new(Semaphore::new(CONCURRENT_DIGESTS)),
+            stopped: Arc::new(AtomicBool::new(false)),
         }
     }
 }
 
 impl Digests {
+    /// Stops every computation in progress and refuses new ones.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        self.permits.close();
+    }
+
     /// The field value for this version of the file if it is known; otherwise starts computing
     /// it (once) and returns `None`. Must be called inside a Tokio runtime.
     pub fn get_or_start(self: &Arc<Self>, id: FileId, file: &OpenFile) -> Option<Arc<str>> {
@@ -49,6 +60,10 @@ impl Digests {
             Some(Known::Computing { version }) if *version == file.version => return None,
             _ => {}
         }
+        if self.stopped.load(Ordering::Relaxed) {
+            return None;
+        }
+        let stopped = Arc::clone(&self.stopped);
         self.known.insert(
             id,
             Known::Computing {
@@ -64,7 +79,8 @@ impl Digests {
                 return;
             };
             let result =
-                tokio::task::spawn_blocking(move || hash_if_unchanged(&handle, &etag)).await;
+                tokio::task::spawn_blocking(move || hash_if_unchanged(&handle, &etag, &stopped))
+                    .await;
             match result {
                 Ok(Ok(Some(field))) => {
                     let field: Arc<str> = Arc::from(field);
@@ -94,12 +110,16 @@ impl Digests {
 
 /// Hashes the whole file, then checks that its length and modification time still give the
 /// same ETag: a digest of a file written to during hashing would describe no version at all.
-fn hash_if_unchanged(file: &File, etag: &str) -> io::Result<Option<String>> {
+/// Returns `None` for a changed file or when `stopped` is set.
+fn hash_if_unchanged(file: &File, etag: &str, stopped: &AtomicBool) -> io::Result<Option<String>> {
     use std::os::unix::fs::FileExt;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     loop {
+        if stopped.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let n = match file.read_at(&mut buf, pos) {
             Ok(0) => break,
             Ok(n) => n,
@@ -149,7 +169,16 @@ mod tests {
         let f = File::open(&p).unwrap();
         let meta = f.metadata().unwrap();
         let etag = crate::files::strong_etag(meta.len(), meta.modified().unwrap());
-        assert!(hash_if_unchanged(&f, &etag).unwrap().is_some());
-        assert_eq!(hash_if_unchanged(&f, "\"stale\"").unwrap(), None);
+        assert!(hash_if_unchanged(&f, &etag, &AtomicBool::new(false))
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            hash_if_unchanged(&f, "\"stale\"", &AtomicBool::new(false)).unwrap(),
+            None
+        );
+        assert_eq!(
+            hash_if_unchanged(&f, &etag, &AtomicBool::new(true)).unwrap(),
+            None
+        );
     }
 }

@@ -39,7 +39,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let shutdown_timeout = config.shutdown_timeout;
+    let result = runtime.block_on(async move {
         let listener = roam::server::bind(config.listen, config.backlog)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
@@ -68,8 +69,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         roam::server::run(listener, svc, shutdown_signal()).await;
         tracing::info!("stopped");
-        Ok(())
-    })
+        Ok::<(), anyhow::Error>(())
+    });
+    // Blocking-pool work (a digest mid-chunk, a file read) must not hold the process past the
+    // deadline either.
+    runtime.shutdown_timeout(shutdown_timeout);
+    result
 }
 
 fn get(args: GetArgs) -> ExitCode {

@@ -79,6 +79,7 @@ pub async fn run(listener: TcpListener, svc: Arc<Service>, shutdown: impl Future
         "shutting down: no longer accepting"
     );
     cancel.cancel();
+    svc.digests.stop();
     tracker.close();
     if tokio::time::timeout(svc.config.shutdown_timeout, tracker.wait())
         .await
