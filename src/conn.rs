@@ -34,6 +34,8 @@ const READ_CHUNK: usize = 2048;
 const SETTLE_TICK: Duration = Duration::from_millis(20);
 /// Largest sendfile call; bounded so milestones and cancellation checks happen regularly.
 const SENDFILE_CHUNK: usize = 1 << 20;
+/// How often a sender blocked on a slow reader records the reader's progress.
+const BLOCKED_SETTLE: Duration = Duration::from_millis(250);
 /// Longest wait for in-flight acknowledgements before an abort (Linux delays ACKs by up to
 /// 40 ms).
 const FINAL_ACK_WAIT: Duration = Duration::from_millis(50);
@@ -368,17 +370,23 @@ impl Connection {
 
     /// Waits until the socket can take more bytes, or the peer stalls past the write-stall
     /// timeout, or the connection is aborted.
+    /// While blocked, progress is still settled every `BLOCKED_SETTLE` so that the record (and
+    /// a HEAD's `Roam-Offset`) follows a slow reader.
     async fn writable(&mut self) -> Result<(), End> {
-        let stall = self.svc.config.write_stall_timeout;
-        tokio::select! {
-            biased;
-            _ = self.handle.abort.cancelled() => Err(End::Abort("taken over")),
-            _ = self.shutdown.cancelled() => Err(End::Graceful),
-            r = tokio::time::timeout(stall, self.stream.writable()) => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(End::Gone(e)),
-                Err(_) => Err(End::Gone(io::Error::new(io::ErrorKind::TimedOut, "write stalled"))),
-            },
+        let stall_deadline = Instant::now() + self.svc.config.write_stall_timeout;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.handle.abort.cancelled() => return Err(End::Abort("taken over")),
+                _ = self.shutdown.cancelled() => return Err(End::Graceful),
+                r = self.stream.writable() => {
+                    return r.map_err(End::Gone);
+                }
+                _ = tokio::time::sleep_until(stall_deadline) => {
+                    return Err(End::Gone(io::Error::new(io::ErrorKind::TimedOut, "write stalled")));
+                }
+                _ = tokio::time::sleep(BLOCKED_SETTLE), if !self.pending.is_empty() => self.settle(),
+            }
         }
     }
 
@@ -614,8 +622,12 @@ impl Connection {
         loop {
             self.settle();
             let now = Instant::now();
-            let awaiting_acks =
-                !self.pending.is_empty() && now < ack_deadline && !self.all_delivered();
+            // A reset peer will acknowledge nothing more (behind a proxy, a FIN then an RST is
+            // normal), so stop waiting as soon as the socket reports an error.
+            let awaiting_acks = !self.pending.is_empty()
+                && now < ack_deadline
+                && !self.all_delivered()
+                && !matches!(self.stream.take_error(), Ok(Some(_)));
             if !awaiting_acks && (peer_done || now >= read_deadline) {
                 return;
             }
