@@ -166,7 +166,8 @@ pub enum RangePlan {
         range: ByteRange,
         declares_position: bool,
     },
-    /// Several disjoint slices in ascending order: 206 `multipart/byteranges`.
+    /// Several disjoint slices, in the order the client first asked for them (RFC 9110
+    /// §15.3.7.2): 206 `multipart/byteranges`.
     Multi(Vec<ByteRange>),
     /// Nothing in the set overlaps the representation: 416 with `bytes */len`.
     Unsatisfiable,
@@ -177,7 +178,7 @@ pub enum RangePlan {
 /// Resolves parsed specs against a length (RFC 9110 §14.1.2 satisfiability), clamping ends past
 /// EOF, coalescing overlapping or nearly adjacent ranges, and refusing amplification.
 pub fn plan(specs: &[RangeSpec], len: u64) -> RangePlan {
-    let mut ranges: Vec<ByteRange> = specs.iter().filter_map(|s| resolve(*s, len)).collect();
+    let ranges: Vec<ByteRange> = specs.iter().filter_map(|s| resolve(*s, len)).collect();
     if ranges.is_empty() {
         return RangePlan::Unsatisfiable;
     }
@@ -187,23 +188,30 @@ pub fn plan(specs: &[RangeSpec], len: u64) -> RangePlan {
             declares_position: last.is_none() && *first < len,
         };
     }
-    ranges.sort_unstable();
-    let mut merged: Vec<ByteRange> = Vec::with_capacity(ranges.len());
-    for r in ranges {
+    // Coalesce in byte order, remembering for each merged range the earliest position at which
+    // the client asked for any of its pieces; then answer in that order.
+    let mut by_start: Vec<(ByteRange, usize)> = ranges.into_iter().zip(0..).collect();
+    by_start.sort_unstable();
+    let mut merged: Vec<(ByteRange, usize)> = Vec::with_capacity(by_start.len());
+    for (r, asked) in by_start {
         match merged.last_mut() {
-            Some(prev) if r.start <= prev.end.saturating_add(COALESCE_GAP) => {
+            Some((prev, first_asked)) if r.start < prev.end.saturating_add(COALESCE_GAP) => {
                 prev.end = prev.end.max(r.end);
+                *first_asked = (*first_asked).min(asked);
             }
-            _ => merged.push(r),
+            _ => merged.push((r, asked)),
         }
     }
     match merged.len() {
         1 => RangePlan::Single {
-            range: merged[0],
+            range: merged[0].0,
             declares_position: false,
         },
         n if n > MAX_PARTS => RangePlan::Whole,
-        _ => RangePlan::Multi(merged),
+        _ => {
+            merged.sort_unstable_by_key(|&(_, asked)| asked);
+            RangePlan::Multi(merged.into_iter().map(|(r, _)| r).collect())
+        }
     }
 }
 
@@ -386,8 +394,10 @@ mod tests {
                 }
                 RangePlan::Multi(ranges) => {
                     prop_assert!(ranges.len() >= 2 && ranges.len() <= MAX_PARTS);
-                    for w in ranges.windows(2) {
-                        prop_assert!(w[0].end + COALESCE_GAP < w[1].start);
+                    let mut sorted = ranges.clone();
+                    sorted.sort_unstable();
+                    for w in sorted.windows(2) {
+                        prop_assert!(w[0].end + COALESCE_GAP <= w[1].start);
                     }
                     let total: u64 = ranges.iter().map(|r| r.len()).sum();
                     prop_assert!(total <= len);

@@ -139,13 +139,26 @@ async fn serve_file(
         Verdict::NotModified => return Ok(bodiless(Status::NotModified, &file)),
         Verdict::Proceed { honor_range } => honor_range,
     };
-    let Some(range_value) = req.range.as_deref() else {
+    // RFC 9110 §14.2: Range is defined for GET only and must be ignored on HEAD, which
+    // therefore reports what a GET without Range would get (the session's position).
+    let range = if head_only {
+        None
+    } else {
+        req.range.as_deref()
+    };
+    let Some(range_value) = range else {
         return resumed(svc, conn, key, file, head_only).await;
     };
-    // A client resuming with Range but no If-Range (curl -C -, wget -c) whose session began on
-    // another version of the file has a partial copy of that other version: sending it the new
-    // bytes from N would splice two versions, so it is treated like a failed If-Range.
-    let stale_session = req.if_range.is_none()
+    // A client resuming with Range but no If-Range (curl -C -, wget -c), or with a date in
+    // If-Range, whose session began on another version of the file has a partial copy of that
+    // other version. A date cannot tell two versions written within one second apart (RFC 9110
+    // §8.8.2.2), but the session record can: sending the new bytes from N would splice two
+    // versions, so it is treated like a failed If-Range.
+    let if_range_is_etag = req
+        .if_range
+        .as_deref()
+        .is_some_and(|v| v.trim_start().starts_with(['"', 'W']));
+    let stale_session = !if_range_is_etag
         && svc
             .store
             .get(&key)
