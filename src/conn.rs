@@ -8,6 +8,7 @@
 use crate::config::Accounting;
 use crate::delivery::{BodySpan, Ledger};
 use crate::error::RequestError;
+use crate::files::Source;
 use crate::request::{self, Method, Request};
 use crate::respond::{self, Body, Response, Tracking};
 use crate::service::Service;
@@ -305,14 +306,21 @@ impl Connection {
                 both.extend_from_slice(&bytes);
                 self.write(&both, false).await
             }
-            Body::File { file, range } => {
+            Body::File {
+                source: file,
+                range,
+            } => {
                 self.write(&head, true).await?;
                 if let Some(t) = tracking {
                     self.track(t, range.len());
                 }
                 self.send_file(&file, range.start, range.end, true).await
             }
-            Body::Multipart { file, parts, end } => {
+            Body::Multipart {
+                source: file,
+                parts,
+                end,
+            } => {
                 self.write(&head, true).await?;
                 for (prefix, range) in parts {
                     self.write(&prefix, true).await?;
@@ -424,7 +432,7 @@ impl Connection {
     /// the last pending entry belongs to this body.
     async fn send_file(
         &mut self,
-        file: &Arc<File>,
+        file: &Source,
         start: u64,
         end: u64,
         tracked: bool,
@@ -452,6 +460,16 @@ impl Connection {
         }
     }
 
+    /// Between chunks: stop if the connection was taken over or the server is stopping, and
+    /// abort if the file was rewritten in place (never a body spliced from two versions).
+    fn between_chunks(&self, file: &Source, check_file: bool) -> Result<(), End> {
+        self.check_cancelled()?;
+        if check_file && file.changed() {
+            return Err(End::Abort("file changed during transfer"));
+        }
+        Ok(())
+    }
+
     fn check_cancelled(&self) -> Result<(), End> {
         if self.handle.abort.is_cancelled() {
             return Err(End::Abort("taken over"));
@@ -465,12 +483,12 @@ impl Connection {
     #[cfg(target_os = "linux")]
     async fn sendfile_loop(
         &mut self,
-        file: &Arc<File>,
+        file: &Source,
         start: u64,
         end: u64,
         tracked: bool,
     ) -> Result<(), SendfileEnd> {
-        let file_fd = file.as_raw_fd();
+        let file_fd = file.file.as_raw_fd();
         let interval = self.svc.config.progress_interval;
         let mut pos = start;
         let mut since_settle = 0u64;
@@ -489,11 +507,12 @@ impl Connection {
                     pos += n as u64;
                     since_settle += n as u64;
                     self.advance_body(n as u64, tracked);
-                    if since_settle >= interval {
+                    let milestone = since_settle >= interval;
+                    if milestone {
                         since_settle = 0;
                         self.settle();
                     }
-                    self.check_cancelled()?;
+                    self.between_chunks(file, milestone)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.settle(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -516,7 +535,7 @@ impl Connection {
     /// 8 KiB reads reach 0.31 GB/s, 256 KiB reads 1.39 GB/s), then ordinary writes.
     async fn read_loop(
         &mut self,
-        file: &Arc<File>,
+        file: &Source,
         start: u64,
         end: u64,
         tracked: bool,
@@ -525,7 +544,7 @@ impl Connection {
         let mut pos = start;
         while pos < end {
             let len = (end - pos).min(READ_SIZE) as usize;
-            let f = Arc::clone(file);
+            let f = Arc::clone(&file.file);
             let chunk = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len];
                 let n = read_at(&f, &mut buf, pos)?;
@@ -556,7 +575,7 @@ impl Connection {
             }
             pos += chunk.len() as u64;
             self.settle();
-            self.check_cancelled()?;
+            self.between_chunks(file, true)?;
         }
         Ok(())
     }

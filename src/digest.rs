@@ -71,7 +71,7 @@ impl Digests {
             },
         );
         let this = Arc::clone(self);
-        let handle = Arc::clone(&file.file);
+        let handle = Arc::clone(&file.source.file);
         let version = file.version;
         let etag = file.etag.clone();
         tokio::spawn(async move {

@@ -32,10 +32,32 @@ pub enum OpenError {
     Io(#[source] io::Error),
 }
 
+/// An open file and the version it was opened at, for sending bodies.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub file: Arc<File>,
+    /// Hash of the ETag when opened (see [`OpenFile::version`]).
+    pub version: u64,
+}
+
+impl Source {
+    /// True when the file's length or modification time no longer match the version being
+    /// sent: it was rewritten in place, and the rest of the body would splice two versions.
+    pub fn changed(&self) -> bool {
+        match self.file.metadata() {
+            Ok(meta) => {
+                let etag = strong_etag(meta.len(), meta.modified().unwrap_or(UNIX_EPOCH));
+                fnv1a(etag.as_bytes()) != self.version
+            }
+            Err(_) => true,
+        }
+    }
+}
+
 /// An open file ready to serve, with what its response head needs.
 #[derive(Debug, Clone)]
 pub struct OpenFile {
-    pub file: Arc<File>,
+    pub source: Source,
     pub len: u64,
     /// Modification time truncated to whole seconds, as `Last-Modified` carries it, and never
     /// later than now (RFC 9110 §8.8.2.1).
@@ -83,12 +105,16 @@ impl Root {
         let len = meta.len();
         let etag = strong_etag(len, modified);
         let version = fnv1a(etag.as_bytes());
+        let source = Source {
+            file: Arc::new(file),
+            version,
+        };
         let last_modified = truncate_to_second(modified.min(SystemTime::now()));
         let content_type = mime_guess::from_path(rel.as_path())
             .first_raw()
             .unwrap_or("application/octet-stream");
         Ok(OpenFile {
-            file: Arc::new(file),
+            source,
             len,
             last_modified,
             etag,

@@ -2,7 +2,7 @@
 //! downloads that move a session, the ownership and epoch its progress is recorded under).
 
 use crate::error::RequestError;
-use crate::files::{OpenError, OpenFile};
+use crate::files::{OpenError, OpenFile, Source};
 use crate::id::IdError;
 use crate::precondition::{self, Conditions, Validators, Verdict};
 use crate::range::{self, ByteRange, ContentRange, RangePlan};
@@ -13,8 +13,6 @@ use crate::store::{Epoch, SessionKey};
 use crate::takeover::{ConnectionHandle, Ownership};
 use crate::target::{self, RelPath, Route, TargetError};
 use bytes::{BufMut, Bytes, BytesMut};
-use std::fs::File;
-use std::sync::Arc;
 
 /// Response field carrying the session's offset: where a server-resumed download of this file
 /// would start now (on HEAD), or where this response's bytes start (on GET).
@@ -35,12 +33,12 @@ pub enum Body {
     Empty,
     Bytes(Bytes),
     File {
-        file: Arc<File>,
+        source: Source,
         range: ByteRange,
     },
     /// `multipart/byteranges`: each part's header bytes and slice, then the closing delimiter.
     Multipart {
-        file: Arc<File>,
+        source: Source,
         parts: Vec<(Bytes, ByteRange)>,
         end: Bytes,
     },
@@ -312,7 +310,7 @@ fn slice(
         Body::Empty
     } else {
         Body::File {
-            file: Arc::clone(&file.file),
+            source: file.source.clone(),
             range,
         }
     };
@@ -385,7 +383,7 @@ fn multipart(file: &OpenFile, ranges: &[ByteRange], head_only: bool) -> Response
         Body::Empty
     } else {
         Body::Multipart {
-            file: Arc::clone(&file.file),
+            source: file.source.clone(),
             parts,
             end,
         }

@@ -52,7 +52,7 @@ pub enum GetError {
     GaveUp { attempts: u32, last: String },
     #[error("gave up: the time limit of {0:?} was reached")]
     OutOfTime(Duration),
-    #[error("integrity check failed: the server's digest is {expected}, the file's is {actual}; kept {part} for inspection")]
+    #[error("integrity check failed: the server's digest is {expected}, the file's is {actual}; kept {part} for inspection (running the command again starts over)")]
     Integrity {
         expected: String,
         actual: String,
@@ -121,12 +121,35 @@ pub async fn get(opts: &GetOptions, obs: &mut dyn Observer) -> Result<Summary, G
             ..Summary::default()
         },
         started: Instant::now(),
+        roam_server: false,
     };
     dl.prepare(&source, obs).await?;
-    dl.run(obs).await?;
-    dl.fetch_digest().await;
-    dl.finish(&output, obs)?;
-    Ok(dl.summary)
+    loop {
+        dl.run(obs).await?;
+        match dl.fetch_digest().await {
+            DigestCheck::Changed => {
+                // The bytes on disk may mix versions and there is no digest of ours to tell.
+                obs.note("the file changed on the server during the download: starting over");
+                dl.summary.restarts += 1;
+                dl.reset()?;
+            }
+            check => {
+                dl.finish(&output, obs, check)?;
+                return Ok(dl.summary);
+            }
+        }
+    }
+}
+
+/// What is known about the digest of the bytes on disk once all of them arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DigestCheck {
+    /// The server's digest for the version downloaded is known.
+    Known,
+    /// None to check against, and why.
+    Unavailable(&'static str),
+    /// The server now has another version: what is on disk may be spliced.
+    Changed,
 }
 
 /// `FILE.part`.
@@ -179,6 +202,8 @@ struct Download<'a> {
     file: Option<File>,
     summary: Summary,
     started: Instant,
+    /// The server answered as roam (it computes digests in the background, worth polling for).
+    roam_server: bool,
 }
 
 /// What one attempt achieved.
@@ -388,6 +413,13 @@ impl Download<'_> {
             }
         };
         let status = ex.head.status;
+        if ex
+            .head
+            .field("server")
+            .is_some_and(|s| s.starts_with("roam/"))
+        {
+            self.roam_server = true;
+        }
         let etag = ex
             .head
             .field("etag")
@@ -469,6 +501,11 @@ impl Download<'_> {
                 });
             }
             _ => {
+                // Nothing downloaded yet: leave nothing behind that a rerun would "resume".
+                if offset == 0 {
+                    let _ = std::fs::remove_file(&self.state_path);
+                    let _ = std::fs::remove_file(&self.part);
+                }
                 let reason = ex
                     .read_small(4096)
                     .await
@@ -561,32 +598,39 @@ impl Download<'_> {
     }
 
     /// A server computing digests in the background (roam) may not have had one when the bytes
-    /// were sent: ask again with HEAD a few times, for this version only.
-    async fn fetch_digest(&mut self) {
-        const TRIES: u32 = 10;
+    /// were sent: ask again with HEAD (a few times for roam, once for others), for this version
+    /// only. A different ETag now means the file changed while we downloaded it.
+    async fn fetch_digest(&mut self) -> DigestCheck {
         if self.state.digest.is_some() {
-            return;
+            return DigestCheck::Known;
         }
         let (Some(etag), Ok(url)) = (self.state.etag.clone(), Url::parse(&self.state.url)) else {
-            return;
+            return DigestCheck::Unavailable("the server sent no ETag or digest");
         };
-        for _ in 0..TRIES {
+        let tries = if self.roam_server { 10 } else { 1 };
+        for _ in 0..tries {
             let Ok(head) = http::head(&url, &[], self.opts.stall_timeout).await else {
-                return;
+                return DigestCheck::Unavailable("the server could not be asked for its digest");
             };
             if head.field("etag") != Some(etag.as_str()) {
-                return;
+                return DigestCheck::Changed;
             }
             if let Some(d) = head.field("repr-digest") {
                 self.state.digest = Some(d.to_owned());
-                return;
+                return DigestCheck::Known;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        DigestCheck::Unavailable("the server sent no sha-256 Repr-Digest")
     }
 
     /// Verifies against the server's digest, then renames the part file into place.
-    fn finish(&mut self, output: &Path, obs: &mut dyn Observer) -> Result<(), GetError> {
+    fn finish(
+        &mut self,
+        output: &Path,
+        obs: &mut dyn Observer,
+        check: DigestCheck,
+    ) -> Result<(), GetError> {
         let file = self
             .file
             .take()
@@ -598,6 +642,9 @@ impl Download<'_> {
             if let Some(expected_b64) = sha256_from_field(&expected) {
                 let actual = sha256_file(&file)?;
                 if actual != expected_b64 {
+                    // Keep the bytes for inspection but not the state: running the command again
+                    // must start over, not "resume" a complete, wrong file.
+                    let _ = std::fs::remove_file(&self.state_path);
                     return Err(GetError::Integrity {
                         expected: expected_b64,
                         actual,
@@ -608,9 +655,11 @@ impl Download<'_> {
             }
         }
         if !self.summary.verified {
-            obs.note(
-                "the server sent no sha-256 Repr-Digest: length checked, content not verified",
-            );
+            let why = match check {
+                DigestCheck::Unavailable(why) => why,
+                DigestCheck::Known | DigestCheck::Changed => "the server's digest is not sha-256",
+            };
+            obs.note(&format!("{why}: length checked, content not verified"));
         }
         drop(file);
         std::fs::rename(&self.part, output)?;

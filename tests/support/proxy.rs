@@ -82,8 +82,17 @@ impl DisruptiveProxy {
         upstream: SocketAddr,
         plan: impl Fn(u64) -> Disruption + Send + Sync + 'static,
     ) -> io::Result<DisruptiveProxy> {
+        Self::try_start_on((Ipv4Addr::LOCALHOST, 0).into(), upstream, plan)
+    }
+
+    /// Like [`DisruptiveProxy::try_start`], listening on `listen` (port 0 picks a free port).
+    pub fn try_start_on(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        plan: impl Fn(u64) -> Disruption + Send + Sync + 'static,
+    ) -> io::Result<DisruptiveProxy> {
         // Bind with std so start() can stay synchronous for callers.
-        let std_listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let std_listener = std::net::TcpListener::bind(listen)?;
         std_listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(std_listener)?;
         let addr = listener.local_addr()?;
@@ -162,6 +171,30 @@ async fn accept_loop(
         let disruption = plan(index);
         conns.spawn(serve(client, upstream, disruption, counters.clone()));
         while conns.try_join_next().is_some() {}
+    }
+}
+
+/// A plan for demos and long soak runs: every connection is reset (or, with `blackhole`,
+/// blackholed) after a pseudo-random number of downstream bytes in `1..=max`, a pure function
+/// of `seed` and the connection index, so a run can be replayed exactly.
+pub fn random_plan(
+    max: u64,
+    seed: u64,
+    blackhole: bool,
+) -> impl Fn(u64) -> Disruption + Send + Sync + 'static {
+    assert!(max > 0, "random_plan needs max > 0");
+    move |index| {
+        // splitmix64 of (seed, index).
+        let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let after = 1 + z % max;
+        if blackhole {
+            Disruption::BlackholeAfter(after)
+        } else {
+            Disruption::ResetAfter(after)
+        }
     }
 }
 
