@@ -237,7 +237,16 @@ mod tests {
         };
         let config = args.into_config().unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(config.header_timeout, Duration::from_secs(10));
+        // The textual defaults in the clap attributes must agree with the named constants.
+        let reference = Config::new(config.root.clone(), config.listen);
+        assert_eq!(config.header_timeout, reference.header_timeout);
+        assert_eq!(config.idle_timeout, reference.idle_timeout);
+        assert_eq!(config.write_stall_timeout, reference.write_stall_timeout);
+        assert_eq!(config.tcp_user_timeout, reference.tcp_user_timeout);
+        assert_eq!(config.tcp_keepalive, reference.tcp_keepalive);
+        assert_eq!(config.session_ttl, reference.session_ttl);
+        assert_eq!(config.shutdown_timeout, reference.shutdown_timeout);
+        assert_eq!(config.accounting, reference.accounting);
     }
 
     #[test]

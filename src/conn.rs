@@ -380,13 +380,15 @@ impl Connection {
     /// timeout, or the connection is aborted.
     /// While blocked, progress is still settled every `BLOCKED_SETTLE` so that the record (and
     /// a HEAD's `Roam-Offset`) follows a slow reader.
-    async fn writable(&mut self) -> Result<(), End> {
+    /// With `stoppable` (between file chunks), shutdown ends the wait; heads and small bodies
+    /// are finished so that a request answered during shutdown gets its whole answer.
+    async fn writable(&mut self, stoppable: bool) -> Result<(), End> {
         let stall_deadline = Instant::now() + self.svc.config.write_stall_timeout;
         loop {
             tokio::select! {
                 biased;
                 _ = self.handle.abort.cancelled() => return Err(End::Abort("taken over")),
-                _ = self.shutdown.cancelled() => return Err(End::Graceful),
+                _ = self.shutdown.cancelled(), if stoppable => return Err(End::Graceful),
                 r = self.stream.writable() => {
                     return r.map_err(End::Gone);
                 }
@@ -402,7 +404,7 @@ impl Connection {
     /// its segment.
     async fn write(&mut self, mut buf: &[u8], more: bool) -> Result<(), End> {
         while !buf.is_empty() {
-            self.writable().await?;
+            self.writable(false).await?;
             let fd = self.fd;
             let r = self.stream.try_io(Interest::WRITABLE, || {
                 #[cfg(target_os = "linux")]
@@ -493,7 +495,7 @@ impl Connection {
         let mut pos = start;
         let mut since_settle = 0u64;
         while pos < end {
-            self.writable().await?;
+            self.writable(true).await?;
             let fd = self.fd;
             let want = usize::try_from(end - pos)
                 .unwrap_or(usize::MAX)
@@ -562,7 +564,7 @@ impl Connection {
             }
             let mut rest: &[u8] = &chunk;
             while !rest.is_empty() {
-                self.writable().await?;
+                self.writable(true).await?;
                 match self.stream.try_write(rest) {
                     Ok(n) => {
                         rest = &rest[n..];
@@ -584,7 +586,13 @@ impl Connection {
     /// the sessions it owned, so a successor never starts while this socket can still send.
     async fn close(mut self, end: End) {
         match end {
-            End::Graceful => self.linger().await,
+            End::Graceful => {
+                if self.linger().await == Lingered::TakenOver {
+                    // A successor is waiting: bytes still queued must not reach the peer after
+                    // the offset we record.
+                    let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+                }
+            }
             End::Abort(why) => {
                 self.await_final_acks().await;
                 // An RST: SO_LINGER 0 discards the send queue, so not one more byte reaches the
@@ -631,7 +639,7 @@ impl Connection {
     /// until the peer has acknowledged the tracked bodies so their offsets are exact, and drain
     /// what the peer sends so that unread request bytes do not make the kernel reset the
     /// connection (destroying the end of our response) when we close.
-    async fn linger(&mut self) {
+    async fn linger(&mut self) -> Lingered {
         let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
         let started = Instant::now();
         let ack_deadline = started + self.svc.config.write_stall_timeout;
@@ -648,7 +656,7 @@ impl Connection {
                 && !self.all_delivered()
                 && !matches!(self.stream.take_error(), Ok(Some(_)));
             if !awaiting_acks && (peer_done || now >= read_deadline) {
-                return;
+                return Lingered::Done;
             }
             let wake = if awaiting_acks {
                 now + SETTLE_TICK
@@ -657,22 +665,30 @@ impl Connection {
             };
             tokio::select! {
                 biased;
-                _ = self.handle.abort.cancelled() => return,
+                _ = self.handle.abort.cancelled() => return Lingered::TakenOver,
                 r = self.stream.readable(), if !peer_done => {
                     if r.is_err() {
-                        return;
+                        return Lingered::Done;
                     }
                     match self.stream.try_read(&mut scratch) {
                         Ok(0) => peer_done = true,
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return,
+                        Err(_) => return Lingered::Done,
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
     }
+}
+
+/// How an orderly close ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Lingered {
+    Done,
+    /// A takeover arrived while we waited: close with a reset instead.
+    TakenOver,
 }
 
 #[cfg(target_os = "linux")]

@@ -150,7 +150,13 @@ impl Root {
         if !resolved.starts_with(&self.path) {
             return Err(OpenError::NotFound);
         }
-        File::open(resolved).map_err(classify)
+        // Non-blocking, so that a FIFO planted under the root cannot block a runtime thread in
+        // open(2); it is then refused as not a regular file.
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+        options.open(resolved).map_err(classify)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Client IDs: minted by `GET /`, presented as the first path segment of every download.
 //!
-//! An ID is a UUID (RFC 9562 version 8) made of a 64-bit random nonce and a 58-bit HMAC-SHA-256
+//! An ID is a UUID (RFC 9562 version 8) made of a 60-bit random nonce and a 62-bit HMAC-SHA-256
 //! tag of that nonce under a server secret. The server can tell its own IDs from forgeries
 //! without remembering them, so minting stores nothing and a forged or never-used ID allocates
 //! nothing: memory grows only with (client, file) sessions, which are capped.
@@ -107,7 +107,7 @@ impl IdAuthority {
     }
 
     /// Builds the UUID for a nonce: version 8 in the nonce's high bits of byte 6 and the RFC
-    /// variant in the tag's byte 8, so the remaining 58 tag bits are pure HMAC output.
+    /// variant in the tag's byte 8: 60 random nonce bits and 62 bits of HMAC output remain.
     fn seal(&self, mut nonce: [u8; 8]) -> Uuid {
         nonce[6] = (nonce[6] & 0x0f) | 0x80;
         let mut mac = self.mac.clone();
