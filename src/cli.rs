@@ -133,6 +133,13 @@ pub struct ServeArgs {
         default_value = "acknowledged"
     )]
     pub accounting: Accounting,
+    /// Re-resolve a cached file's path after this long: how soon a replaced, renamed or deleted
+    /// file is noticed (a large file rewritten in place is noticed at once).
+    #[arg(long, env = "ROAM_FILE_REVALIDATE", value_parser = duration, default_value = "1s")]
+    pub file_revalidate: Duration,
+    /// Open files kept in the file table (0 disables it).
+    #[arg(long, env = "ROAM_FILE_CACHE_ENTRIES", default_value_t = config::DEFAULT_FILE_CACHE_ENTRIES)]
+    pub file_cache_entries: usize,
     /// Longest request line, in bytes (414 beyond).
     #[arg(long, env = "ROAM_MAX_REQUEST_LINE", default_value_t = config::DEFAULT_MAX_REQUEST_LINE)]
     pub max_request_line: usize,
@@ -207,6 +214,8 @@ impl ServeArgs {
         config.shutdown_timeout = self.shutdown_timeout;
         config.progress_interval = self.progress_interval;
         config.accounting = self.accounting;
+        config.file_revalidate = self.file_revalidate;
+        config.file_cache_entries = self.file_cache_entries;
         config.limits.max_request_line = self.max_request_line;
         config.limits.max_head = self.max_head;
         config.limits.max_headers = self.max_headers;
@@ -247,6 +256,7 @@ mod tests {
         assert_eq!(config.session_ttl, reference.session_ttl);
         assert_eq!(config.shutdown_timeout, reference.shutdown_timeout);
         assert_eq!(config.accounting, reference.accounting);
+        assert_eq!(config.file_revalidate, reference.file_revalidate);
     }
 
     #[test]

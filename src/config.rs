@@ -32,6 +32,11 @@ pub const DEFAULT_NOTSENT_LOWAT: u32 = 16 * 1024;
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Session cap; past it new (client, file) pairs get 503 until expiry frees room.
 pub const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
+/// How old a file table entry may get before its path is resolved again: the bound on how
+/// long a replaced, renamed or deleted file can still be served as it was.
+pub const DEFAULT_FILE_REVALIDATE: Duration = Duration::from_secs(1);
+/// Open files the file table keeps (each holds a descriptor).
+pub const DEFAULT_FILE_CACHE_ENTRIES: usize = 10_000;
 /// Hard deadline for in-flight connections after a shutdown signal.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Record confirmed progress at least every this many bytes sent.
@@ -75,6 +80,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub progress_interval: u64,
     pub accounting: Accounting,
+    pub file_revalidate: Duration,
+    pub file_cache_entries: usize,
     pub limits: Limits,
     pub allow_dotfiles: bool,
     /// Per-address mint limit: (IDs per second, burst). `None`: unlimited (the default, since
@@ -108,6 +115,8 @@ impl Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
             accounting: Accounting::Acknowledged,
+            file_revalidate: DEFAULT_FILE_REVALIDATE,
+            file_cache_entries: DEFAULT_FILE_CACHE_ENTRIES,
             limits: Limits {
                 max_request_line: DEFAULT_MAX_REQUEST_LINE,
                 max_head: DEFAULT_MAX_HEAD,

@@ -299,20 +299,26 @@ impl Connection {
         } = resp;
         let head = head.finish(close, http10);
         match body {
-            Body::Empty => self.write(&head, false).await,
+            Body::Empty => self.write(&head, false, false).await,
             Body::Bytes(bytes) => {
                 let mut both = BytesMut::with_capacity(head.len() + bytes.len());
                 both.extend_from_slice(&head);
                 both.extend_from_slice(&bytes);
-                self.write(&both, false).await
+                let tracked = tracking.is_some();
+                if let Some(t) = tracking {
+                    let stream_start = self.ledger.written() + head.len() as u64;
+                    self.track(t, bytes.len() as u64, stream_start);
+                }
+                self.write(&both, false, tracked).await
             }
             Body::File {
                 source: file,
                 range,
             } => {
-                self.write(&head, true).await?;
+                self.write(&head, true, false).await?;
                 if let Some(t) = tracking {
-                    self.track(t, range.len());
+                    let stream_start = self.ledger.written();
+                    self.track(t, range.len(), stream_start);
                 }
                 self.send_file(&file, range.start, range.end, true).await
             }
@@ -321,17 +327,19 @@ impl Connection {
                 parts,
                 end,
             } => {
-                self.write(&head, true).await?;
+                self.write(&head, true, false).await?;
                 for (prefix, range) in parts {
-                    self.write(&prefix, true).await?;
+                    self.write(&prefix, true, false).await?;
                     self.send_file(&file, range.start, range.end, false).await?;
                 }
-                self.write(&end, false).await
+                self.write(&end, false, false).await
             }
         }
     }
 
-    fn track(&mut self, t: Tracking, body_len: u64) {
+    /// Registers a body about to be written whose first byte will be at `stream_start` in the
+    /// connection's stream.
+    fn track(&mut self, t: Tracking, body_len: u64, stream_start: u64) {
         let Tracking {
             key,
             epoch,
@@ -343,7 +351,7 @@ impl Connection {
             epoch,
             file_start,
             span: BodySpan {
-                stream_start: self.ledger.written(),
+                stream_start,
                 written: 0,
             },
             body_len,
@@ -402,7 +410,8 @@ impl Connection {
 
     /// Writes all of `buf`. With `more`, tells the kernel a body follows so the head shares
     /// its segment.
-    async fn write(&mut self, mut buf: &[u8], more: bool) -> Result<(), End> {
+    /// With `tracked`, the last pending entry's body is (the end of) `buf`.
+    async fn write(&mut self, mut buf: &[u8], more: bool, tracked: bool) -> Result<(), End> {
         while !buf.is_empty() {
             self.writable(false).await?;
             let fd = self.fd;
@@ -418,6 +427,14 @@ impl Connection {
                 Ok(n) => {
                     self.ledger.wrote(n as u64);
                     buf = &buf[n..];
+                    if tracked {
+                        // Head and body share this buffer: count only what reached the body.
+                        let written = self.ledger.written();
+                        if let Some(p) = self.pending.last_mut() {
+                            p.span.written =
+                                written.saturating_sub(p.span.stream_start).min(p.body_len);
+                        }
+                    }
                 }
                 Err(e)
                     if matches!(

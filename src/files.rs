@@ -2,6 +2,7 @@
 //! reached, and describing the file (length, validators, type).
 
 use crate::target::RelPath;
+use bytes::Bytes;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -63,13 +64,22 @@ pub struct OpenFile {
     /// later than now (RFC 9110 §8.8.2.1).
     pub last_modified: SystemTime,
     /// Strong validator, quotes included.
-    pub etag: String,
+    pub etag: Arc<str>,
     /// A hash of the ETag: what a session remembers of the version it is downloading.
     pub version: u64,
     pub content_type: &'static str,
+    /// The representation fields every download response carries (`Last-Modified`, `ETag`,
+    /// `Accept-Ranges`, `Cache-Control`), rendered once per version.
+    pub fields: Bytes,
+    /// The whole content, for files of at most [`SMALL_FILE`] bytes: served from memory with
+    /// the head in one write.
+    pub small: Option<Bytes>,
     /// The `Repr-Digest` field value, once computed for this version (see `digest`).
     pub digest: Option<Arc<str>>,
 }
+
+/// Files up to this size are kept in memory by the file table.
+pub const SMALL_FILE: u64 = 16 * 1024;
 
 impl Root {
     /// Opens the root folder; fails if it is not a readable directory.
@@ -113,13 +123,25 @@ impl Root {
         let content_type = mime_guess::from_path(rel.as_path())
             .first_raw()
             .unwrap_or("application/octet-stream");
+        let fields = Bytes::from(format!(
+            "Last-Modified: {}\r\nETag: {etag}\r\nAccept-Ranges: bytes\r\n\
+             Cache-Control: no-store\r\n",
+            httpdate::fmt_http_date(last_modified)
+        ));
+        let small = if len <= SMALL_FILE {
+            read_whole(&source.file, len)
+        } else {
+            None
+        };
         Ok(OpenFile {
             source,
             len,
             last_modified,
-            etag,
+            etag: Arc::from(etag),
             version,
             content_type,
+            fields,
+            small,
             digest: None,
         })
     }
@@ -158,6 +180,23 @@ impl Root {
         std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
         options.open(resolved).map_err(classify)
     }
+}
+
+/// Reads a small file whole; `None` if it no longer has `len` bytes (it is being rewritten:
+/// the caller then sends from the descriptor, which detects the change).
+fn read_whole(file: &File, len: u64) -> Option<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; usize::try_from(len).ok()?];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], filled as u64) {
+            Ok(0) => return None,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(Bytes::from(buf))
 }
 
 fn classify(e: io::Error) -> OpenError {

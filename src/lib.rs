@@ -13,7 +13,8 @@
 //! - [`target`]: request target to route and validated relative path.
 //! - [`id`]: client IDs, minted and verified without server-side state; [`limit`]: optional
 //!   mint rate limit.
-//! - [`files`]: confined opens under the root, validators; [`digest`]: `Repr-Digest` cache.
+//! - [`filetable`]: open files cached per path; [`files`]: confined opens under the root,
+//!   validators; [`digest`]: `Repr-Digest` cache.
 //! - [`precondition`], [`range`]: RFC 9110 conditional requests and byte ranges.
 //! - [`respond`]: the decision: status, head, body, which session it advances.
 //! - [`takeover`]: one sender per session; stale connections are aborted.
@@ -35,6 +36,7 @@ pub mod delivery;
 pub mod digest;
 pub mod error;
 pub mod files;
+pub mod filetable;
 pub mod id;
 pub mod limit;
 pub mod precondition;

@@ -111,11 +111,10 @@ async fn serve_file(
         IdError::Malformed => RequestError::NotFound("malformed client id"),
         IdError::Unknown => RequestError::NotFound("unknown client id"),
     })?;
-    let mut file = svc.root.open_file(rel).map_err(|e| match e {
+    let (mut file, file_id) = svc.files.open(&svc.root, rel).map_err(|e| match e {
         OpenError::NotFound => RequestError::NotFound("no such file"),
         OpenError::Io(e) => RequestError::Internal(e),
     })?;
-    let file_id = svc.files.intern(rel.as_path());
     file.digest = svc.digests.get_or_start(file_id, &file);
     let key = SessionKey::new(client, file_id);
     let head_only = req.method == Method::Head;
@@ -280,12 +279,10 @@ fn declared(
 }
 
 /// The fields every session response carries.
+/// (`Cache-Control: no-store` among them: a session response depends on the client's state, so
+/// no shared cache may reuse it for anyone.)
 fn representation_fields(head: &mut Head, file: &OpenFile) {
-    head.field("Last-Modified", httpdate::fmt_http_date(file.last_modified))
-        .field("ETag", &file.etag)
-        .field("Accept-Ranges", "bytes")
-        // Depends on the client's session: no shared cache may reuse it for anyone.
-        .field("Cache-Control", "no-store");
+    head.raw(&file.fields);
     if let Some(digest) = &file.digest {
         head.field("Repr-Digest", digest);
     }
@@ -308,6 +305,9 @@ fn slice(
     representation_fields(&mut head, file);
     let body = if head_only || range.start == range.end {
         Body::Empty
+    } else if let Some(small) = &file.small {
+        // In-memory copy: both bounds are within a file of at most SMALL_FILE bytes.
+        Body::Bytes(small.slice(range.start as usize..range.end as usize))
     } else {
         Body::File {
             source: file.source.clone(),

@@ -8,6 +8,11 @@ use std::time::SystemTime;
 /// The `Server` field value.
 pub const SERVER: &str = concat!("roam/", env!("CARGO_PKG_VERSION"));
 
+thread_local! {
+    /// The `Date` and `Server` lines, formatted once per second per thread.
+    static DATE_LINE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+}
+
 /// The statuses roam sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -78,13 +83,24 @@ impl Head {
     pub fn new(status: Status) -> Head {
         let mut buf = BytesMut::with_capacity(320);
         // Writing to a BytesMut cannot fail.
-        let _ = write!(
-            buf,
-            "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {SERVER}\r\n",
-            status.code(),
-            status.reason(),
-            httpdate::fmt_http_date(SystemTime::now())
-        );
+        let _ = write!(buf, "HTTP/1.1 {} {}\r\n", status.code(), status.reason());
+        DATE_LINE.with(|cell| {
+            let mut cached = cell.borrow_mut();
+            let now = SystemTime::now();
+            let second = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if cached.0 != second || cached.1.is_empty() {
+                *cached = (
+                    second,
+                    format!(
+                        "Date: {}\r\nServer: {SERVER}\r\n",
+                        httpdate::fmt_http_date(now)
+                    ),
+                );
+            }
+            buf.put_slice(cached.1.as_bytes());
+        });
         Head { buf, status }
     }
 
@@ -95,6 +111,12 @@ impl Head {
     /// Appends a field. Values are ours (numbers, validated strings), never raw client input.
     pub fn field(&mut self, name: &str, value: impl std::fmt::Display) -> &mut Self {
         let _ = write!(self.buf, "{name}: {value}\r\n");
+        self
+    }
+
+    /// Appends pre-rendered field lines (each ending in CRLF).
+    pub fn raw(&mut self, lines: &[u8]) -> &mut Self {
+        self.buf.put_slice(lines);
         self
     }
 

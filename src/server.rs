@@ -114,6 +114,7 @@ async fn sweep_sessions(svc: Arc<Service>, cancel: CancellationToken) {
         tokio::select! {
             _ = ticker.tick() => {
                 let expired = svc.store.expire();
+                svc.files.sweep();
                 if expired > 0 {
                     tracing::debug!(expired, remaining = svc.store.len(), "expired idle sessions");
                 }

@@ -4,9 +4,10 @@
 use crate::config::Config;
 use crate::digest::Digests;
 use crate::files::Root;
+use crate::filetable::FileTable;
 use crate::id::IdAuthority;
 use crate::limit::MintLimiter;
-use crate::store::{FileIds, MemoryStore, ProgressStore};
+use crate::store::{MemoryStore, ProgressStore};
 use crate::takeover::Owners;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +20,7 @@ pub struct Service {
     pub root: Root,
     pub ids: IdAuthority,
     pub store: Arc<dyn ProgressStore>,
-    pub files: FileIds,
+    pub files: FileTable,
     pub owners: Arc<Owners>,
     pub digests: Arc<Digests>,
     /// Present when `--mint-rate` is set.
@@ -52,6 +53,7 @@ impl Service {
             Some(secret) => IdAuthority::new(secret),
             None => IdAuthority::random(),
         };
+        let files = FileTable::new(config.file_revalidate, config.file_cache_entries);
         let mint_limiter = config
             .mint_rate
             .map(|(rate, burst)| MintLimiter::new(rate, burst));
@@ -60,7 +62,7 @@ impl Service {
             root,
             ids,
             store,
-            files: FileIds::default(),
+            files,
             owners: Arc::new(Owners::default()),
             digests: Arc::new(Digests::default()),
             mint_limiter,
