@@ -61,7 +61,7 @@ fn store(c: &mut Criterion) {
         .unwrap_or(1_000_000);
     let store = MemoryStore::new(usize::MAX, Duration::from_secs(3600));
     let key = |i: u64| SessionKey {
-        client: [i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i],
+        client: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         file: FileId((i % 7) as u32),
     };
     for i in 0..n {

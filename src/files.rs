@@ -81,6 +81,14 @@ pub struct OpenFile {
 /// Files up to this size are kept in memory by the file table.
 pub const SMALL_FILE: u64 = 16 * 1024;
 
+impl OpenFile {
+    /// The 32-bit version a session record keeps (two versions are mistaken for each other
+    /// with probability 2^-32 per change of the file).
+    pub fn session_version(&self) -> u32 {
+        (self.version ^ (self.version >> 32)) as u32
+    }
+}
+
 impl Root {
     /// Opens the root folder; fails if it is not a readable directory.
     pub fn open(path: &Path) -> io::Result<Root> {

@@ -19,11 +19,10 @@ pub const ID_TEXT_LEN: usize = 36;
 pub struct ClientId(Uuid);
 
 impl ClientId {
-    /// The ID as two words, the compact key the progress store uses (a `u128` would force 16-byte
-    /// alignment and pad every entry).
-    pub fn words(&self) -> [u64; 2] {
-        let (hi, lo) = self.0.as_u64_pair();
-        [hi, lo]
+    /// The ID's nonce: its first eight bytes, which determine the rest (the tag is a function
+    /// of them), so it identifies the client as well as the whole ID does, in one word.
+    pub fn nonce(&self) -> u64 {
+        self.0.as_u64_pair().0
     }
 }
 

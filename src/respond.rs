@@ -159,7 +159,7 @@ async fn serve_file(
         && svc
             .store
             .get(&key)
-            .is_some_and(|p| p.version != file.version);
+            .is_some_and(|p| p.version != file.session_version());
     if !honor_range || stale_session {
         // If-Range names another version: the client's partial copy is stale, so it gets the
         // whole current file, and that is now its position (RFC 9110 §13.1.5).
@@ -212,7 +212,10 @@ async fn resumed(
     } else {
         Some(svc.owners.take_over(key, conn).await)
     };
-    let record = svc.store.get(&key).filter(|p| p.version == file.version);
+    let record = svc
+        .store
+        .get(&key)
+        .filter(|p| p.version == file.session_version());
     let offset = record.map_or(0, |p| p.offset.min(file.len));
     if record.is_some() && offset == file.len {
         // Everything was confirmed: answer as curl and wget understand "already complete",
@@ -234,7 +237,7 @@ async fn resumed(
         Some(ownership) => {
             let epoch = svc
                 .store
-                .begin(key, file.version, offset)
+                .begin(key, file.session_version(), offset)
                 .map_err(|_| RequestError::SessionsFull)?;
             Some(Tracking {
                 key,
@@ -267,7 +270,7 @@ fn declared(
     let ownership = svc.owners.declare(key, conn);
     let epoch = svc
         .store
-        .begin(key, file.version, range.start)
+        .begin(key, file.session_version(), range.start)
         .map_err(|_| RequestError::SessionsFull)?;
     let tracking = Tracking {
         key,

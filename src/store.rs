@@ -8,7 +8,7 @@
 use crate::id::ClientId;
 use dashmap::DashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,18 +17,18 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FileId(pub u32);
 
-/// The key of one download: a client and a file.
+/// The key of one download: a client and a file. 16 bytes: the client's nonce (which
+/// determines its whole ID) and the interned file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SessionKey {
-    /// The client ID as two words (8-byte aligned, unlike `u128`).
-    pub client: [u64; 2],
+    pub client: u64,
     pub file: FileId,
 }
 
 impl SessionKey {
     pub fn new(client: ClientId, file: FileId) -> Self {
         SessionKey {
-            client: client.words(),
+            client: client.nonce(),
             file,
         }
     }
@@ -38,8 +38,11 @@ impl SessionKey {
 /// position a client declares with `Range: bytes=N-` begins a new epoch; progress reported
 /// under an older epoch is ignored, so a late write from a replaced connection can never move
 /// the offset of its successor.
+///
+/// Sixteen bits: the counter wraps after 65,536 new owners of one session, and only a stream
+/// that outlived all of them could be mistaken for the current one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Epoch(pub u32);
+pub struct Epoch(pub u16);
 
 /// A copy of one session record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +50,7 @@ pub struct Progress {
     /// Bytes of the file the client has confirmed, counted from byte 0.
     pub offset: u64,
     /// The version (a hash of the strong ETag) the offset refers to.
-    pub version: u64,
+    pub version: u32,
     /// The current owner.
     pub epoch: Epoch,
 }
@@ -65,7 +68,7 @@ pub trait ProgressStore: Send + Sync + 'static {
     /// The record for `key`, if any.
     fn get(&self, key: &SessionKey) -> Option<Progress>;
     /// Starts a new owner of `key` at `offset` of `version`, creating the record if needed.
-    fn begin(&self, key: SessionKey, version: u64, offset: u64) -> Result<Epoch, StoreFull>;
+    fn begin(&self, key: SessionKey, version: u32, offset: u64) -> Result<Epoch, StoreFull>;
     /// Records that the owner `epoch` has `offset` bytes confirmed. Ignored (returns false) if
     /// another owner began since; never moves the offset backwards within an epoch.
     fn advance(&self, key: &SessionKey, epoch: Epoch, offset: u64) -> bool;
@@ -79,40 +82,52 @@ pub trait ProgressStore: Send + Sync + 'static {
     }
 }
 
-/// One record of [`MemoryStore`]. The offset and the touch time are atomics so progress
-/// updates need only a shard's read lock; the epoch and version change only under its write
-/// lock, in `begin`.
+/// One record of [`MemoryStore`]: 16 bytes, so a map slot (key and value) is 32. The offset
+/// and the touch time are atomics so progress updates need only a shard's read lock; the epoch
+/// and version change only under its write lock, in `begin`.
 #[derive(Debug)]
 struct Entry {
     offset: AtomicU64,
-    version: u64,
-    epoch: u32,
-    /// Seconds since the store's origin when the record was last begun or advanced.
-    touched: AtomicU32,
+    version: u32,
+    epoch: u16,
+    /// When the record was last begun or advanced, in the store's coarse time units (see
+    /// `MemoryStore::unit_secs`), wrapping.
+    touched: AtomicU16,
 }
 
 /// An in-memory [`ProgressStore`] over a sharded map, with a session cap and idle expiry.
 #[derive(Debug)]
 pub struct MemoryStore {
     map: DashMap<SessionKey, Entry>,
+    /// Sessions held; kept beside the map because counting a DashMap takes every shard's lock.
+    count: AtomicUsize,
     cap: usize,
-    ttl: Duration,
+    /// The TTL in time units.
+    ttl_units: u16,
+    /// Seconds per time unit: 1 for TTLs up to about 4.5 hours, more for longer ones, so the
+    /// TTL always spans at most 16,384 units and a 16-bit stamp wraps only after four TTLs (the
+    /// sweeper, running 16 times per TTL, removes idle entries long before).
+    unit_secs: u64,
     origin: Instant,
 }
 
 impl MemoryStore {
     /// A store that holds at most `cap` sessions and forgets those idle for longer than `ttl`.
     pub fn new(cap: usize, ttl: Duration) -> Self {
+        let unit_secs = ttl.as_secs().div_ceil(16_384).max(1);
         MemoryStore {
             map: DashMap::new(),
+            count: AtomicUsize::new(0),
             cap,
-            ttl,
+            ttl_units: u16::try_from(ttl.as_secs().div_ceil(unit_secs)).unwrap_or(u16::MAX),
+            unit_secs,
             origin: Instant::now(),
         }
     }
 
-    fn now(&self) -> u32 {
-        u32::try_from(self.origin.elapsed().as_secs()).unwrap_or(u32::MAX)
+    fn now(&self) -> u16 {
+        // Wrapping by design: only differences between recent stamps are compared.
+        (self.origin.elapsed().as_secs() / self.unit_secs) as u16
     }
 }
 
@@ -125,11 +140,11 @@ impl ProgressStore for MemoryStore {
         })
     }
 
-    fn begin(&self, key: SessionKey, version: u64, offset: u64) -> Result<Epoch, StoreFull> {
+    fn begin(&self, key: SessionKey, version: u32, offset: u64) -> Result<Epoch, StoreFull> {
         let now = self.now();
-        // The length check is racy by a few entries under concurrency; the cap bounds memory,
-        // it is not an exact quota.
-        let at_cap = self.map.len() >= self.cap;
+        // Racy by a few entries under concurrency: the cap bounds memory, it is not an exact
+        // quota.
+        let at_cap = self.count.load(Ordering::Relaxed) >= self.cap;
         match self.map.entry(key) {
             dashmap::Entry::Occupied(mut o) => {
                 let e = o.get_mut();
@@ -145,8 +160,9 @@ impl ProgressStore for MemoryStore {
                     offset: AtomicU64::new(offset),
                     version,
                     epoch: 0,
-                    touched: AtomicU32::new(now),
+                    touched: AtomicU16::new(now),
                 });
+                self.count.fetch_add(1, Ordering::Relaxed);
                 Ok(Epoch(0))
             }
         }
@@ -166,15 +182,19 @@ impl ProgressStore for MemoryStore {
 
     fn expire(&self) -> usize {
         let now = self.now();
-        let ttl = u32::try_from(self.ttl.as_secs()).unwrap_or(u32::MAX);
-        let before = self.map.len();
-        self.map
-            .retain(|_, e| now.saturating_sub(e.touched.load(Ordering::Relaxed)) <= ttl);
-        before.saturating_sub(self.map.len())
+        let ttl = self.ttl_units;
+        let mut removed = 0usize;
+        self.map.retain(|_, e| {
+            let keep = now.wrapping_sub(e.touched.load(Ordering::Relaxed)) <= ttl;
+            removed += usize::from(!keep);
+            keep
+        });
+        self.count.fetch_sub(removed, Ordering::Relaxed);
+        removed
     }
 
     fn len(&self) -> usize {
-        self.map.len()
+        self.count.load(Ordering::Relaxed)
     }
 }
 
@@ -270,9 +290,10 @@ mod tests {
                 offset: AtomicU64::new(0),
                 version: 1,
                 epoch: 0,
-                touched: AtomicU32::new(0),
+                touched: AtomicU16::new(0),
             },
         );
+        store.count.fetch_add(1, Ordering::Relaxed);
         store.begin(key(2), 1, 0).unwrap();
         assert_eq!(store.expire(), 1);
         assert!(store.get(&k).is_none());

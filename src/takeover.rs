@@ -137,7 +137,7 @@ mod tests {
 
     fn key() -> SessionKey {
         SessionKey {
-            client: [1, 2],
+            client: 1,
             file: FileId(3),
         }
     }
