@@ -73,6 +73,13 @@ impl GetArgs {
     }
 }
 
+/// The shape of the async runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeMode {
+    MultiThread,
+    PerCore,
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Folder to serve.
@@ -84,6 +91,10 @@ pub struct ServeArgs {
     /// Runtime worker threads (0: one per CPU the process may run on).
     #[arg(long, env = "ROAM_WORKERS", default_value_t = 0)]
     pub workers: usize,
+    /// How the workers run: one work-stealing runtime, or one single-threaded runtime per worker
+    /// each with its own SO_REUSEPORT listener (see docs/benchmarks.md for the measurement).
+    #[arg(long, env = "ROAM_RUNTIME", value_enum, default_value = "multi-thread")]
+    pub runtime: RuntimeMode,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ROAM_LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,

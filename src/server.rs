@@ -22,10 +22,25 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// lets every connection record its progress and close, and returns after at most
 /// `config.shutdown_timeout`.
 pub async fn run(listener: TcpListener, svc: Arc<Service>, shutdown: impl Future<Output = ()>) {
+    let max_connections = svc.config.max_connections;
+    run_listener(listener, svc, shutdown, max_connections, true).await;
+}
+
+/// Serves one of several listeners sharing a service (one runtime per core, `SO_REUSEPORT`):
+/// with its own share of the connection cap, and the session sweeper on one of them only.
+pub async fn run_listener(
+    listener: TcpListener,
+    svc: Arc<Service>,
+    shutdown: impl Future<Output = ()>,
+    max_connections: usize,
+    sweep: bool,
+) {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(svc.config.max_connections));
-    tracker.spawn(sweep_sessions(Arc::clone(&svc), cancel.clone()));
+    let permits = Arc::new(Semaphore::new(max_connections));
+    if sweep {
+        tracker.spawn(sweep_sessions(Arc::clone(&svc), cancel.clone()));
+    }
     tokio::pin!(shutdown);
     let mut backoff = Duration::ZERO;
     let mut failed_accepts = 0u64;
@@ -126,11 +141,27 @@ async fn sweep_sessions(svc: Arc<Service>, cancel: CancellationToken) {
 
 /// Binds a listener with a backlog sized for bursts of thousands of connections.
 pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, backlog, false)?)
+}
+
+/// Binds a non-blocking std listener; with `reuse_port`, several may share one address and the
+/// kernel spreads connections among them.
+pub fn bind_std(
+    addr: std::net::SocketAddr,
+    backlog: u32,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
