@@ -179,7 +179,7 @@ wrk_once() {
 oha_once() {
   local file=$1 id
   id=$(head -n1 "$work/ids")
-  taskset -c "$LOAD_CORE" oha --no-tui -j -z "$DURATION" -c "$CONNECTIONS" -H "Range: bytes=0-" \
+  taskset -c "$LOAD_CORE" oha --no-tui --output-format json -z "$DURATION" -c "$CONNECTIONS" -H "Range: bytes=0-" \
     "http://$ADDR/$id/$file" >"$work/oha.json" 2>/dev/null
   python3 - "$work/oha.json" <<'PY'
 import json, sys

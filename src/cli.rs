@@ -119,8 +119,9 @@ pub struct ServeArgs {
     /// Idle time before TCP keepalive probes start.
     #[arg(long, env = "ROAM_TCP_KEEPALIVE", value_parser = duration, default_value = "30s")]
     pub tcp_keepalive: Duration,
-    /// TCP_NOTSENT_LOWAT in bytes: how much unsent data may wait in the socket, which bounds
-    /// the gap between bytes written and bytes acknowledged.
+    /// TCP_NOTSENT_LOWAT in bytes, set on a connection from its first body over 1 MiB: how much
+    /// unsent data may wait in the socket, which bounds the gap between bytes written and bytes
+    /// acknowledged (0: never set).
     #[arg(long, env = "ROAM_NOTSENT_LOWAT", default_value_t = config::DEFAULT_NOTSENT_LOWAT)]
     pub notsent_lowat: u32,
     /// Forget download sessions idle for longer than this.

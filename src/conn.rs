@@ -35,6 +35,8 @@ const READ_CHUNK: usize = 2048;
 const SETTLE_TICK: Duration = Duration::from_millis(20);
 /// Largest sendfile call; bounded so milestones and cancellation checks happen regularly.
 const SENDFILE_CHUNK: usize = 1 << 20;
+/// Bodies larger than this turn on `TCP_NOTSENT_LOWAT` for their connection.
+const LOWAT_FROM: u64 = 1 << 20;
 /// How often a sender blocked on a slow reader records the reader's progress.
 const BLOCKED_SETTLE: Duration = Duration::from_millis(250);
 /// Longest wait for in-flight acknowledgements before an abort (Linux delays ACKs by up to
@@ -125,6 +127,8 @@ struct Connection {
     buf: BytesMut,
     ledger: Ledger,
     pending: Vec<Pending>,
+    /// Whether `TCP_NOTSENT_LOWAT` is set yet (it is, from the first large body on).
+    lowat_set: bool,
 }
 
 /// Serves one accepted connection to the end. Never panics on peer behaviour; every error ends
@@ -153,6 +157,7 @@ pub async fn serve(
         buf: BytesMut::new(),
         ledger: Ledger::new(at_accept),
         pending: Vec::new(),
+        lowat_set: false,
     };
     let end = conn.run().await;
     conn.close(end).await;
@@ -173,9 +178,6 @@ fn configure_socket(stream: &TcpStream, svc: &Service) {
     {
         if let Err(e) = sock.set_tcp_user_timeout(Some(cfg.tcp_user_timeout)) {
             tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
-        }
-        if let Err(e) = sys::set_notsent_lowat(stream.as_raw_fd(), cfg.notsent_lowat) {
-            tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
         }
     }
 }
@@ -315,6 +317,9 @@ impl Connection {
                 source: file,
                 range,
             } => {
+                if range.len() > LOWAT_FROM {
+                    self.bound_unsent();
+                }
                 self.write(&head, true, false).await?;
                 if let Some(t) = tracking {
                     let stream_start = self.ledger.written();
@@ -335,6 +340,27 @@ impl Connection {
                 self.write(&end, false, false).await
             }
         }
+    }
+
+    /// Caps the unsent bytes the kernel may hold for this connection (`TCP_NOTSENT_LOWAT`), so a
+    /// long transfer keeps "written" close to "acknowledged" and a peer that stops reading holds
+    /// little. Only from the first large body on: measured on loopback with 64 connections of
+    /// 100 KiB responses, a 16 KiB low-water mark cut throughput from 42k to 2.2k requests/s
+    /// (writability then waits for ACKs), while a body that small bounds the queue by itself.
+    fn bound_unsent(&mut self) {
+        if self.lowat_set {
+            return;
+        }
+        self.lowat_set = true;
+        let lowat = self.svc.config.notsent_lowat;
+        #[cfg(target_os = "linux")]
+        if lowat > 0 {
+            if let Err(e) = sys::set_notsent_lowat(self.fd, lowat) {
+                tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = lowat;
     }
 
     /// Registers a body about to be written whose first byte will be at `stream_start` in the
