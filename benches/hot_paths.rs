@@ -89,5 +89,53 @@ fn store(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parsing, tcp_info, store);
+/// The whole decision for one request (route, ID check, file table, preconditions, range,
+/// session record, takeover registry, head), as the 1 KiB load test exercises it.
+fn decide(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f1k"), vec![7u8; 1024]).unwrap();
+    std::fs::write(dir.path().join("f100k"), vec![7u8; 102_400]).unwrap();
+    let config = roam::config::Config::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+    let svc = roam::service::Service::new(config).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let conn = roam::takeover::ConnectionHandle {
+        id: 1,
+        abort: tokio_util::sync::CancellationToken::new(),
+        peer: [127, 0, 0, 1].into(),
+    };
+    let limits = Limits {
+        max_request_line: 8192,
+        max_head: 16384,
+        max_headers: 64,
+    };
+    let ids: Vec<String> = (0..1000).map(|_| svc.ids.mint().to_string()).collect();
+    for file in ["f1k", "f100k"] {
+        let heads: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|id| {
+                format!("GET /{id}/{file} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-\r\n\r\n")
+                    .into_bytes()
+            })
+            .collect();
+        let mut i = 0;
+        c.bench_function(
+            &format!("parse + respond + head ({file}, Range: bytes=0-)"),
+            |b| {
+                b.iter(|| {
+                    i = (i + 1) % heads.len();
+                    let (req, _) = request::parse(&heads[i], &limits).unwrap().unwrap();
+                    let resp = rt
+                        .block_on(roam::respond::respond(&svc, &req, &conn))
+                        .unwrap();
+                    black_box(resp.head.finish(false, false))
+                })
+            },
+        );
+    }
+}
+
+criterion_group!(benches, parsing, tcp_info, store, decide);
 criterion_main!(benches);
