@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs roam's whole test suite, first installing the real tools the tests drive (curl, wget,
-# aria2c, nginx, ip). Tests that need a tool fail under CI=true when it is missing, so this
-# script is what makes a fresh machine able to pass.
+# aria2c, nginx, ip, prlimit, setpriv, mkfifo), then fuzzes the request parser and router for a
+# minute (scripts/fuzz.sh installs cargo-fuzz). Tests that need a tool fail under CI=true when it
+# is missing, so this script is what makes a fresh machine able to pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,9 @@ command -v wget >/dev/null || missing+=(wget)
 command -v aria2c >/dev/null || missing+=(aria2)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+command -v prlimit >/dev/null || missing+=(util-linux)
+command -v setpriv >/dev/null || missing+=(util-linux)
+command -v mkfifo >/dev/null || missing+=(coreutils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   sudo=""
@@ -21,3 +25,4 @@ fi
 export PATH="$PATH:/usr/sbin:/sbin"
 
 cargo test --locked --all-targets
+./scripts/fuzz.sh "${FUZZ_SECONDS:-60}"

@@ -17,6 +17,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
+}
+
 /// Entries not requested for this long are closed by the sweeper.
 const IDLE_ENTRY: Duration = Duration::from_secs(60);
 
@@ -70,7 +82,17 @@ impl FileTable {
                 return Ok((entry.file.clone(), entry.id));
             }
         }
-        match root.open_file(rel) {
+        let opened = match root.open_file(rel) {
+            // Out of descriptors: the cached ones are the ones we can give back. Close them all
+            // and try once more, so the cache can never starve the server.
+            Err(OpenError::Io(e)) if is_out_of_descriptors(&e) => {
+                tracing::warn!("out of file descriptors: closing the file table's cached files");
+                self.entries.clear();
+                root.open_file(rel)
+            }
+            other => other,
+        };
+        match opened {
             Ok(file) => {
                 let id = self.ids.intern(rel.as_path());
                 self.remember(rel.as_path(), &file, id, now);

@@ -4,6 +4,7 @@
 
 use dashmap::DashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Most addresses tracked at once; past it idle buckets are dropped, and if none are idle the
@@ -17,6 +18,9 @@ pub struct MintLimiter {
     burst: f64,
     buckets: DashMap<IpAddr, Bucket>,
     origin: Instant,
+    /// When the full table was last swept (milliseconds since `origin`): at most once a second,
+    /// so a flood of new addresses cannot make every mint scan the table.
+    last_sweep_ms: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +38,7 @@ impl MintLimiter {
             burst: f64::from(burst.max(1)),
             buckets: DashMap::new(),
             origin: Instant::now(),
+            last_sweep_ms: AtomicU64::new(0),
         }
     }
 
@@ -42,8 +47,17 @@ impl MintLimiter {
         let key = source_key(addr);
         let now = self.origin.elapsed().as_secs_f64();
         if self.buckets.len() >= MAX_TRACKED && !self.buckets.contains_key(&key) {
-            let idle_after = self.burst / self.per_second;
-            self.buckets.retain(|_, b| now - b.at < idle_after);
+            let now_ms = (now * 1000.0) as u64;
+            let last = self.last_sweep_ms.load(Ordering::Relaxed);
+            if now_ms.saturating_sub(last) >= 1000
+                && self
+                    .last_sweep_ms
+                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let idle_after = self.burst / self.per_second;
+                self.buckets.retain(|_, b| now - b.at < idle_after);
+            }
             if self.buckets.len() >= MAX_TRACKED {
                 return true;
             }

@@ -53,7 +53,13 @@ impl Service {
             Some(secret) => IdAuthority::new(secret),
             None => IdAuthority::random(),
         };
-        let files = FileTable::new(config.file_revalidate, config.file_cache_entries);
+        // Cached files hold descriptors: never more than a quarter of what the process may open.
+        let fd_share = crate::sys::fd_limit()
+            .map_or(usize::MAX, |n| usize::try_from(n / 4).unwrap_or(usize::MAX));
+        let files = FileTable::new(
+            config.file_revalidate,
+            config.file_cache_entries.min(fd_share),
+        );
         let mint_limiter = config
             .mint_rate
             .map(|(rate, burst)| MintLimiter::new(rate, burst));

@@ -165,6 +165,23 @@ pub fn open_beneath(root: RawFd, relative: &std::ffi::CStr) -> io::Result<Option
     Ok(Some(unsafe { OwnedFd::from_raw_fd(rc as RawFd) }))
 }
 
+/// The soft open-file limit, if there is one.
+#[cfg(unix)]
+pub fn fd_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a pointer to a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
+    Some(lim.rlim_cur as u64)
+}
+
 /// Raises the soft open-file limit to the hard limit: a server holding thousands of
 /// connections needs more than the usual default of 1024 descriptors.
 #[cfg(unix)]

@@ -62,8 +62,10 @@ fn origin_path(target: &str) -> Result<&str, TargetError> {
         return Ok(without_query);
     }
     for scheme in ["http://", "https://"] {
+        // Bytes, not str slicing: the target may hold a multi-byte character right where the
+        // scheme would end.
         if without_query.len() > scheme.len()
-            && without_query[..scheme.len()].eq_ignore_ascii_case(scheme)
+            && without_query.as_bytes()[..scheme.len()].eq_ignore_ascii_case(scheme.as_bytes())
         {
             let after = &without_query[scheme.len()..];
             return Ok(after.find('/').map_or("/", |i| &after[i..]));
@@ -147,6 +149,12 @@ mod tests {
         assert_eq!(route("*", false), Err(TargetError::BadForm));
         assert_eq!(route("id/a", false), Err(TargetError::BadForm));
         assert_eq!(route("", false), Err(TargetError::BadForm));
+        // Found by the fuzzer: a multi-byte character where "http://" would end.
+        assert_eq!(
+            route("http:/\u{464}xxxxx", false),
+            Err(TargetError::BadForm)
+        );
+        assert_eq!(route("HTTPS:/\u{e9}", false), Err(TargetError::BadForm));
     }
 
     #[test]
