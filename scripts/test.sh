@@ -24,5 +24,18 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
 
-cargo test --locked --all-targets
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked --all-targets 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+summary() {
+  awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+}
+if [ "$status" -ne 0 ]; then
+  summary
+  exit "$status"
+fi
 ./scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
+summary

@@ -164,6 +164,11 @@ pub struct ServeArgs {
     /// Serve files and folders whose names start with a dot (refused by default).
     #[arg(long, env = "ROAM_ALLOW_DOTFILES")]
     pub allow_dotfiles: bool,
+    /// Answer download requests without Range like any HTTP server (200, the whole file, the
+    /// session restarts) instead of resuming them from the session. For servers behind proxies
+    /// that strip Range or buffer responses, and for download managers such as aria2c.
+    #[arg(long, env = "ROAM_NO_IMPLICIT_RESUME")]
+    pub no_implicit_resume: bool,
     /// Limit minting IDs per source address (IPv6 per /64), as RATE/s or RATE/s,BURST (e.g.
     /// 10/s,50). Off by default: carriers put many phones behind one address.
     #[arg(long, env = "ROAM_MINT_RATE", value_parser = mint_rate)]
@@ -232,6 +237,7 @@ impl ServeArgs {
         config.limits.max_head = self.max_head;
         config.limits.max_headers = self.max_headers;
         config.allow_dotfiles = self.allow_dotfiles;
+        config.implicit_resume = !self.no_implicit_resume;
         config.mint_rate = self.mint_rate;
         config.id_secret = id_secret;
         config.validate()

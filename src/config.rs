@@ -84,6 +84,12 @@ pub struct Config {
     pub file_cache_entries: usize,
     pub limits: Limits,
     pub allow_dotfiles: bool,
+    /// Whether a download request without `Range` resumes from the session (the seed's
+    /// protocol). Off: such a request gets the whole file with `200`, like any HTTP server, and
+    /// the session restarts from 0; only `Range` resumes. For deployments behind proxies that
+    /// strip `Range` or buffer whole responses, and for download managers (aria2c) that do not
+    /// expect a `206` they did not ask for.
+    pub implicit_resume: bool,
     /// Per-address mint limit: (IDs per second, burst). `None`: unlimited (the default, since
     /// carriers put many phones behind one address).
     pub mint_rate: Option<(f64, u32)>,
@@ -123,6 +129,7 @@ impl Config {
                 max_headers: DEFAULT_MAX_HEADERS,
             },
             allow_dotfiles: false,
+            implicit_resume: true,
             mint_rate: None,
             id_secret: None,
         }

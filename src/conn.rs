@@ -656,17 +656,32 @@ impl Connection {
         drop(pending);
     }
 
-    /// Before aborting, gives acknowledgements already on their way a moment to arrive: a
-    /// receiver delays its ACK by up to 40 ms, and a client that got the last bytes and
-    /// reconnected at once would otherwise be recorded short and sent those bytes again. We
-    /// write nothing meanwhile, so waiting can only make the record more exact.
+    /// Before aborting, waits (briefly) until nothing is in flight: a receiver delays its ACK
+    /// by up to 40 ms, and a segment it already holds but has not acknowledged would be
+    /// recorded as undelivered and sent again by the successor. The kernel may still send
+    /// queued bytes while we wait (we write nothing), so the condition is "no segment in
+    /// flight", not "everything acknowledged": the reset then discards only bytes that never
+    /// left. A dead path never acknowledges; then the deadline passes and only acknowledged
+    /// bytes count, which is right.
     async fn await_final_acks(&mut self) {
         if self.pending.is_empty() {
             return;
         }
         let deadline = Instant::now() + FINAL_ACK_WAIT;
-        while !self.all_delivered() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        while Instant::now() < deadline && !self.nothing_in_flight() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// True when every segment sent has been acknowledged (or we cannot tell).
+    fn nothing_in_flight(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            sys::unacked_segments(self.fd).map_or(true, |n| n == 0)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            self.all_delivered()
         }
     }
 

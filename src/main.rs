@@ -166,6 +166,7 @@ fn announce(
         file_revalidate = ?cfg.file_revalidate,
         file_cache_entries = cfg.file_cache_entries,
         allow_dotfiles = cfg.allow_dotfiles,
+        implicit_resume = cfg.implicit_resume,
         mint_rate = ?cfg.mint_rate,
         persistent_ids = cfg.id_secret.is_some(),
         "serving"

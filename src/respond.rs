@@ -144,6 +144,14 @@ async fn serve_file(
         req.range.as_deref()
     };
     let Some(range_value) = range else {
+        if !svc.config.implicit_resume {
+            // Plain HTTP semantics: the whole file, and that is the client's position now.
+            let whole = ByteRange {
+                start: 0,
+                end: file.len,
+            };
+            return declared(svc, conn, key, file, whole, head_only, Status::Ok);
+        }
         return resumed(svc, conn, key, file, head_only).await;
     };
     // A client resuming with Range but no If-Range (curl -C -, wget -c), or with a date in

@@ -59,6 +59,29 @@ pub fn ack_counter(_fd: RawFd) -> io::Result<AckCounter> {
     Ok(AckCounter::Unknown)
 }
 
+/// Segments sent and not yet acknowledged (`tcpi_unacked`): zero when nothing is in flight.
+#[cfg(target_os = "linux")]
+pub fn unacked_segments(fd: RawFd) -> io::Result<u32> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: as in `ack_counter`: a writable buffer of `len` bytes, length written back.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised plain C struct; `tcpi_unacked` sits in the original (2.6) part
+    // that every kernel fills.
+    Ok(unsafe { info.assume_init() }.tcpi_unacked)
+}
+
 /// Bytes in the send queue not yet acknowledged by the peer (`SIOCOUTQ`, same value as
 /// `TIOCOUTQ` on Linux).
 #[cfg(target_os = "linux")]

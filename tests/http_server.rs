@@ -653,6 +653,43 @@ fn finished_download_gets_416_never_the_file_again() {
     assert_finished_416(&resp, len);
 }
 
+/// `--no-implicit-resume`: a request without Range is a plain GET (200, the whole file) whether
+/// the session is partial or complete, and Range still resumes exactly.
+#[test]
+fn without_implicit_resume_requests_without_range_get_the_whole_file() {
+    let root = Root::new();
+    let data = pattern(4 << 20, 21);
+    root.file("plain.bin", &data);
+    let srv = TestServer::start_with(root.path(), |cfg| cfg.implicit_resume = false);
+    let id = srv.mint();
+    let target = format!("/{id}/plain.bin");
+
+    // A partial download, then a new request without Range: the whole file again, with 200.
+    let mut c = connect(srv.addr);
+    send(&mut c, &get(&target));
+    let head = read_head(&mut c);
+    head.assert_status(ST_200);
+    let _ = read_exactly(&mut c, 100_000);
+    drop(c);
+    std::thread::sleep(Duration::from_millis(50));
+    let whole = exchange(srv.addr, &get(&target));
+    whole.head.assert_status(ST_200);
+    assert_eq!(whole.head.get("Content-Range"), None);
+    assert!(whole.body == data);
+    // Complete now: still a 200 with the file, never a 416 the client did not ask for.
+    std::thread::sleep(Duration::from_millis(50));
+    let again = exchange(srv.addr, &get(&target));
+    again.head.assert_status(ST_200);
+    assert!(again.body == data);
+    // Range resumes as always.
+    let tail = exchange(
+        srv.addr,
+        &format!("GET {target} HTTP/1.1\r\nHost: t\r\nRange: bytes=4000000-\r\n\r\n"),
+    );
+    tail.head.assert_status(ST_206);
+    assert!(tail.body == data[4_000_000..]);
+}
+
 /// A 0-byte file: the first GET is a 200 with `Content-Length: 0`, the next a 416 `bytes */0`.
 #[test]
 fn empty_file_is_200_then_416() {
