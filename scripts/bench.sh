@@ -36,8 +36,11 @@ cleanup() {
 trap cleanup EXIT
 root="$work/root"
 mkdir -p "$root"
+# nginx and lighttpd workers drop root privileges: everything they serve must be world-readable.
+chmod 755 "$work"
 head -c 1024 /dev/urandom >"$root/f1k"
 head -c 102400 /dev/urandom >"$root/f100k"
+chmod 644 "$root"/*
 head -c 32 /dev/urandom >"$work/secret"
 
 # ---- servers: each start_* sets ADDR and PID -------------------------------------------------
@@ -168,6 +171,12 @@ wrk_once() {
   taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d"$DURATION" --latency --timeout 10s \
     -s scripts/wrk-sessions.lua "http://$ADDR" -- "$file" "$work/ids" >"$work/wrk.txt" 2>&1 || true
   local rps p50 p99 errors
+  [ -n "${BENCH_DEBUG:-}" ] && cat "$work/wrk.txt" >&2
+  if grep -q "Non-2xx" "$work/wrk.txt"; then
+    echo "wrk saw responses that are not 2xx: the comparison would be meaningless" >&2
+    cat "$work/wrk.txt" >&2
+    exit 1
+  fi
   rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
   p50=$(awk '$1 == "50%" {print $2}' "$work/wrk.txt")
   p99=$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")
@@ -257,6 +266,7 @@ bench_small() {
 bench_large() {
   mint_ids
   head -c $((256 << 20)) /dev/urandom >"$root/f256m"
+  chmod 644 "$root/f256m"
   local id
   id=$(head -n1 "$work/ids")
   echo "### One 256 MiB download (curl to /dev/null on core $LOAD_CORE, median of $RUNS)"
