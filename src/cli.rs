@@ -28,7 +28,8 @@ pub enum Command {
     /// against the server's Repr-Digest; running the same command again resumes.
     ///
     /// Exit codes: 0 done, 1 local error (disk, state file), 2 usage, 3 the server refused
-    /// (4xx), 4 gave up (retries or time limit), 5 integrity check failed (FILE.part kept).
+    /// (4xx, or an answer it cannot use such as a redirect), 4 gave up (retries or time limit),
+    /// 5 integrity check failed (FILE.part kept).
     Get(GetArgs),
 }
 
@@ -42,7 +43,8 @@ pub struct GetArgs {
     /// No byte for this long counts as a broken connection: reconnect.
     #[arg(long, env = "ROAM_GET_STALL_TIMEOUT", value_parser = duration, default_value = "10s")]
     pub stall_timeout: Duration,
-    /// Give up after this many consecutive attempts that received nothing.
+    /// Give up after this many retries in a row that received nothing (a retry that receives
+    /// bytes starts the count again).
     #[arg(long, env = "ROAM_GET_RETRIES", default_value_t = 20)]
     pub retries: u32,
     /// Longest pause between attempts (pauses grow exponentially, with jitter).

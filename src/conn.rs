@@ -334,6 +334,9 @@ impl Connection {
             } => {
                 self.write(&head, true, false).await?;
                 for (prefix, range) in parts {
+                    // Parts may be shorter than a progress interval: check for an in-place
+                    // rewrite before each one.
+                    self.between_chunks(&file, true)?;
                     self.write(&prefix, true, false).await?;
                     self.send_file(&file, range.start, range.end, false).await?;
                 }

@@ -78,7 +78,8 @@ pub struct OpenFile {
     pub digest: Option<Arc<str>>,
 }
 
-/// Files up to this size are kept in memory by the file table.
+/// Files up to this size are read whole when opened and served from that copy (which the file
+/// table then keeps with the rest of the entry).
 pub const SMALL_FILE: u64 = 16 * 1024;
 
 impl OpenFile {
@@ -136,8 +137,10 @@ impl Root {
              Cache-Control: no-store\r\n",
             httpdate::fmt_http_date(last_modified)
         ));
+        // A copy read while the file is rewritten in place would put new bytes under the old
+        // ETag: keep it only if the file still has the version we describe once it is read.
         let small = if len <= SMALL_FILE {
-            read_whole(&source.file, len)
+            read_whole(&source.file, len).filter(|_| !source.changed())
         } else {
             None
         };

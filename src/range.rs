@@ -10,8 +10,8 @@ pub const MAX_LISTED_RANGES: usize = 100;
 /// Most parts a `multipart/byteranges` response may carry after coalescing; past this the
 /// whole representation is sent instead (a 200 is never larger than the file).
 pub const MAX_PARTS: usize = 16;
-/// Ranges separated by fewer bytes than a part's own header costs are merged (RFC 9110 §14.2
-/// allows coalescing over gaps smaller than the multipart overhead).
+/// Ranges separated by fewer bytes than a part's own header costs are merged (RFC 9110
+/// §15.3.7.2 allows coalescing over gaps smaller than the multipart overhead).
 pub const COALESCE_GAP: u64 = 80;
 
 /// A non-empty, in-bounds, half-open slice `[start, end)` of a representation.

@@ -159,10 +159,10 @@ async fn serve_file(
     // other version. A date cannot tell two versions written within one second apart (RFC 9110
     // §8.8.2.2), but the session record can: sending the new bytes from N would splice two
     // versions, so it is treated like a failed If-Range.
-    let if_range_is_etag = req
-        .if_range
-        .as_deref()
-        .is_some_and(|v| v.trim_start().starts_with(['"', 'W']));
+    let if_range_is_etag = req.if_range.as_deref().is_some_and(|v| {
+        let v = v.trim_start();
+        v.starts_with('"') || v.starts_with("W/")
+    });
     let stale_session = !if_range_is_etag
         && svc
             .store

@@ -90,7 +90,7 @@ pub async fn run_listener(
     }
     drop(listener);
     tracing::info!(
-        connections = tracker.len(),
+        connections = max_connections - permits.available_permits(),
         "shutting down: no longer accepting"
     );
     cancel.cancel();

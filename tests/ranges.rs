@@ -1458,7 +1458,15 @@ const V2_MTIME: (u64, u32) = (MTIME_SECS + 3600, 0);
 /// length, other bytes, other mtime). Returns the fixture (now at version 2), the target, the
 /// old ETag and how many bytes the client holds.
 fn session_on_changed_file(seed: u64, v2_mtime: (u64, u32)) -> (Fixture, String, String, usize) {
-    let mut fx = Fixture::new(4 * MIB, seed, mtime_at(V1_MTIME.0, V1_MTIME.1));
+    session_on_changed_file_at(seed, V1_MTIME, v2_mtime)
+}
+
+fn session_on_changed_file_at(
+    seed: u64,
+    v1_mtime: (u64, u32),
+    v2_mtime: (u64, u32),
+) -> (Fixture, String, String, usize) {
+    let mut fx = Fixture::new(4 * MIB, seed, mtime_at(v1_mtime.0, v1_mtime.1));
     let target = fx.fresh_target();
     let (h, got) = partial_get(fx.addr(), &target, &[], MIB);
     assert_eq!(h.status, 200);
@@ -1585,4 +1593,26 @@ fn changed_file_with_if_range_date_in_same_second_is_not_spliced() {
         r.header("content-range")
     );
     assert_whole_new_version(&fx, &r, "Range + If-Range date after a same-second rewrite");
+}
+
+/// Regression: an If-Range date was taken for an entity-tag when it started with "W" (as a
+/// Wednesday does), which skipped the stale-session check and spliced two versions.
+#[test]
+fn changed_file_with_if_range_date_on_a_wednesday_is_not_spliced() {
+    let wednesday = MTIME_SECS + 86_400;
+    let (fx, target, _old, have) =
+        session_on_changed_file_at(35, (wednesday, 100_000_000), (wednesday, 900_000_000));
+    let date = httpdate::fmt_http_date(mtime_at(wednesday, 0));
+    assert!(date.starts_with("Wed"), "{date}");
+    let r = request(
+        fx.addr(),
+        &get_with(
+            &target,
+            &[
+                &format!("Range: bytes={have}-"),
+                &format!("If-Range: {date}"),
+            ],
+        ),
+    );
+    assert_whole_new_version(&fx, &r, "Range + If-Range Wednesday date after a rewrite");
 }

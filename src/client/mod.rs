@@ -294,6 +294,13 @@ impl Download<'_> {
     /// `GET /`: a roam server answers with a client ID and `Server: roam/…`.
     async fn probe_mint(&self, root: &Url) -> io::Result<Option<String>> {
         let mut ex = http::get(root, &[], self.opts.stall_timeout).await?;
+        // A busy or rate-limiting server is not an answer to "are you roam?": try again later.
+        if matches!(ex.head.status, 408 | 429 | 500..=599) {
+            return Err(io::Error::other(format!(
+                "the server answered {} to GET /",
+                ex.head.status
+            )));
+        }
         let is_roam = ex.head.status == 200
             && ex
                 .head
