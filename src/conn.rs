@@ -144,7 +144,9 @@ pub async fn serve(
     let at_accept = sys::ack_counter(fd).unwrap_or(AckCounter::Unknown);
     let handle = ConnectionHandle {
         id: svc.next_connection_id(),
-        abort: CancellationToken::new(),
+        // A child of the shutdown token: one wake-up source per wait instead of two (registering
+        // a waiter on a token costs a lock), told apart by asking the parent when it fires.
+        abort: shutdown.child_token(),
         peer: peer.ip(),
     };
     let mut conn = Connection {
@@ -264,8 +266,13 @@ impl Connection {
             let waiting_for_acks = !self.pending.is_empty();
             tokio::select! {
                 biased;
-                _ = self.handle.abort.cancelled() => return Err(ReadEnd::End(End::Abort("taken over"))),
-                _ = self.shutdown.cancelled(), if self.buf.is_empty() => return Err(ReadEnd::Closed),
+                _ = self.handle.abort.cancelled() => {
+                    return Err(if self.shutdown.is_cancelled() {
+                        ReadEnd::Closed
+                    } else {
+                        ReadEnd::End(End::Abort("taken over"))
+                    });
+                }
                 ready = self.stream.readable() => {
                     if let Err(e) = ready {
                         return Err(ReadEnd::End(End::Gone(e)));
@@ -421,11 +428,19 @@ impl Connection {
     /// are finished so that a request answered during shutdown gets its whole answer.
     async fn writable(&mut self, stoppable: bool) -> Result<(), End> {
         let stall_deadline = Instant::now() + self.svc.config.write_stall_timeout;
+        // Past shutdown, a head or small body in progress is finished (only a takeover, which
+        // cannot happen any more, would interrupt it).
+        let interruptible = stoppable || !self.shutdown.is_cancelled();
         loop {
             tokio::select! {
                 biased;
-                _ = self.handle.abort.cancelled() => return Err(End::Abort("taken over")),
-                _ = self.shutdown.cancelled(), if stoppable => return Err(End::Graceful),
+                _ = self.handle.abort.cancelled(), if interruptible => {
+                    return Err(if self.shutdown.is_cancelled() {
+                        End::Graceful
+                    } else {
+                        End::Abort("taken over")
+                    });
+                }
                 r = self.stream.writable() => {
                     return r.map_err(End::Gone);
                 }
@@ -440,9 +455,11 @@ impl Connection {
     /// Writes all of `buf`. With `more`, tells the kernel a body follows so the head shares
     /// its segment.
     /// With `tracked`, the last pending entry's body is (the end of) `buf`.
+    ///
+    /// Writes first and waits only when the socket is full: the usual response goes out without
+    /// registering any wake-up.
     async fn write(&mut self, mut buf: &[u8], more: bool, tracked: bool) -> Result<(), End> {
         while !buf.is_empty() {
-            self.writable(false).await?;
             let fd = self.fd;
             let r = self.stream.try_io(Interest::WRITABLE, || {
                 #[cfg(target_os = "linux")]
@@ -465,11 +482,11 @@ impl Connection {
                         }
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.settle();
+                    self.writable(false).await?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(End::Gone(e)),
             }
         }
@@ -520,10 +537,11 @@ impl Connection {
 
     fn check_cancelled(&self) -> Result<(), End> {
         if self.handle.abort.is_cancelled() {
-            return Err(End::Abort("taken over"));
-        }
-        if self.shutdown.is_cancelled() {
-            return Err(End::Graceful);
+            return Err(if self.shutdown.is_cancelled() {
+                End::Graceful
+            } else {
+                End::Abort("taken over")
+            });
         }
         Ok(())
     }
@@ -541,7 +559,6 @@ impl Connection {
         let mut pos = start;
         let mut since_settle = 0u64;
         while pos < end {
-            self.writable(true).await?;
             let fd = self.fd;
             let want = usize::try_from(end - pos)
                 .unwrap_or(usize::MAX)
@@ -562,7 +579,10 @@ impl Connection {
                     }
                     self.between_chunks(file, milestone)?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.settle(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.settle();
+                    self.writable(true).await?;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
                     if pos == start
@@ -706,6 +726,9 @@ impl Connection {
         let ack_deadline = started + self.svc.config.write_stall_timeout;
         let read_deadline = started + LINGER_READ;
         let mut peer_done = false;
+        // Shutdown also fires the connection's token; only a takeover turns the close into a
+        // reset.
+        let mut shutting_down = self.shutdown.is_cancelled();
         let mut scratch = [0u8; 1024];
         loop {
             self.settle();
@@ -726,7 +749,13 @@ impl Connection {
             };
             tokio::select! {
                 biased;
-                _ = self.handle.abort.cancelled() => return Lingered::TakenOver,
+                _ = self.handle.abort.cancelled(), if !shutting_down => {
+                    if self.shutdown.is_cancelled() {
+                        shutting_down = true;
+                    } else {
+                        return Lingered::TakenOver;
+                    }
+                }
                 r = self.stream.readable(), if !peer_done => {
                     if r.is_err() {
                         return Lingered::Done;
