@@ -78,6 +78,8 @@ start_nginx() {
   mkdir -p "$work/nginx"
   cat >"$work/nginx/nginx.conf" <<CONF
 worker_processes 1;
+# One process, so its CPU time and memory are what /proc/PID shows.
+master_process off;
 worker_rlimit_nofile 65536;
 daemon off;
 pid $work/nginx/nginx.pid;

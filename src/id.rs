@@ -32,6 +32,21 @@ impl fmt::Display for ClientId {
     }
 }
 
+/// The nonce of the ID-shaped first segment of a request target (`/{id}/…`, origin-form or
+/// absolute-form), without verifying it: enough to tell whether two requests name the same
+/// client. Any text that is not ID-shaped gives `None`.
+pub fn nonce_in_target(target: &str) -> Option<u64> {
+    let path = match target.find("://") {
+        Some(i) => &target[i + 3..][target[i + 3..].find('/')?..],
+        None => target,
+    };
+    let segment = path.strip_prefix('/')?.split(['/', '?']).next()?;
+    if segment.len() != ID_TEXT_LEN {
+        return None;
+    }
+    Uuid::try_parse(segment).ok().map(|u| u.as_u64_pair().0)
+}
+
 /// Why a path segment is not one of our IDs. Both answer 404; the reason goes into the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
@@ -135,6 +150,20 @@ mod tests {
             assert_eq!(&text[14..15], "8");
             assert_eq!(auth.verify(&text), Ok(id));
         }
+    }
+
+    #[test]
+    fn nonce_in_target_names_the_client() {
+        let auth = IdAuthority::new(b"n");
+        let id = auth.mint();
+        assert_eq!(nonce_in_target(&format!("/{id}/a/b.txt")), Some(id.nonce()));
+        assert_eq!(
+            nonce_in_target(&format!("http://h:1/{id}/x?q")),
+            Some(id.nonce())
+        );
+        assert_eq!(nonce_in_target("/"), None);
+        assert_eq!(nonce_in_target("/short/x"), None);
+        assert_eq!(nonce_in_target("http://h"), None);
     }
 
     #[test]

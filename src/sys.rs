@@ -21,11 +21,10 @@ pub enum AckCounter {
     Unknown,
 }
 
-/// Asks the kernel how far the peer's TCP has acknowledged. Works after `EPIPE` and
-/// `ECONNRESET` (the counters outlive the connection) but not after the socket is closed, so
-/// callers read it before dropping the stream.
+/// Reads `TCP_INFO`: the struct (zero where the kernel wrote nothing) and how many bytes of it
+/// the kernel filled, which is less than its size on kernels older than our `libc`.
 #[cfg(target_os = "linux")]
-pub fn ack_counter(fd: RawFd) -> io::Result<AckCounter> {
+fn tcp_info(fd: RawFd) -> io::Result<(libc::tcp_info, usize)> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is a writable buffer of `len` bytes that lives across the call; the kernel
@@ -42,12 +41,20 @@ pub fn ack_counter(fd: RawFd) -> io::Result<AckCounter> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: zero-initialised, a valid bit pattern for this plain C struct of integers; the
+    // kernel overwrote its first `len` bytes with valid values.
+    Ok((unsafe { info.assume_init() }, len as usize))
+}
+
+/// Asks the kernel how far the peer's TCP has acknowledged. Works after `EPIPE` and
+/// `ECONNRESET` (the counters outlive the connection) but not after the socket is closed, so
+/// callers read it before dropping the stream.
+#[cfg(target_os = "linux")]
+pub fn ack_counter(fd: RawFd) -> io::Result<AckCounter> {
+    let (info, filled) = tcp_info(fd)?;
     let needed =
         std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + std::mem::size_of::<u64>();
-    if (len as usize) >= needed {
-        // SAFETY: the struct was zero-initialised (a valid bit pattern for this plain C struct)
-        // and the kernel filled at least the bytes up to and including `tcpi_bytes_acked`.
-        let info = unsafe { info.assume_init() };
+    if filled >= needed {
         return Ok(AckCounter::BytesAcked(info.tcpi_bytes_acked));
     }
     outstanding_bytes(fd).map(AckCounter::Outstanding)
@@ -59,27 +66,11 @@ pub fn ack_counter(_fd: RawFd) -> io::Result<AckCounter> {
     Ok(AckCounter::Unknown)
 }
 
-/// Segments sent and not yet acknowledged (`tcpi_unacked`): zero when nothing is in flight.
+/// Segments sent and not yet acknowledged (`tcpi_unacked`, in the part of the struct every
+/// kernel fills): zero when nothing is in flight.
 #[cfg(target_os = "linux")]
 pub fn unacked_segments(fd: RawFd) -> io::Result<u32> {
-    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: as in `ack_counter`: a writable buffer of `len` bytes, length written back.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: zero-initialised plain C struct; `tcpi_unacked` sits in the original (2.6) part
-    // that every kernel fills.
-    Ok(unsafe { info.assume_init() }.tcpi_unacked)
+    Ok(tcp_info(fd)?.0.tcpi_unacked)
 }
 
 /// Bytes in the send queue not yet acknowledged by the peer (`SIOCOUTQ`, same value as
