@@ -8,6 +8,7 @@
 #   scripts/bench.sh large        # one 256 MiB download: GB/s and server CPU-seconds per GB
 #   scripts/bench.sh conns        # 10,000 concurrent connections: req/s, errors, RSS/connection
 #   scripts/bench.sh runtime      # roam multi-thread vs per-core runtime (1 KiB, 100 KiB)
+#   scripts/bench.sh answers      # roam: minting IDs (GET /), repeated requests for finished files (416)
 #   scripts/bench.sh all
 #
 # Knobs (environment): DURATION (10s), CONNECTIONS (64), RUNS (3), IDS (5000).
@@ -328,6 +329,27 @@ bench_conns() {
   echo
 }
 
+bench_answers() {
+  mint_ids
+  echo "### roam's cheap answers (wrk, $CONNECTIONS connections, $DURATION, median of $RUNS)"
+  echo
+  echo "| request | req/s | p50 | p99 |"
+  echo "|---|---|---|---|"
+  start_roam
+  answers_once() { # path lua-args...
+    taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$@" >"$work/wrk.txt" 2>&1 || true
+    awk '/Requests\/sec/ {r=$2} $1 == "50%" {p=$2} $1 == "99%" {q=$2} END {print r, p, q}' "$work/wrk.txt"
+  }
+  read -r r p50 p99 < <(median_of_runs answers_once "http://$ADDR/")
+  echo "| GET / (mint an ID) | $r | $p50 | $p99 |"
+  # Complete every session once, then every request is a repeat for a finished file.
+  taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNECTIONS" -d2s -s scripts/wrk-sessions.lua "http://$ADDR" -- f1k "$work/ids" norange >/dev/null 2>&1 || true
+  read -r r p50 p99 < <(median_of_runs answers_once -s scripts/wrk-sessions.lua "http://$ADDR" -- f1k "$work/ids" norange)
+  echo "| GET /{id}/f1k, finished (416) | $r | $p50 | $p99 |"
+  stop_server
+  echo
+}
+
 bench_runtime() {
   mint_ids
   echo "### roam runtime shape on one core (wrk, $CONNECTIONS connections, median of $RUNS)"
@@ -352,6 +374,7 @@ case "${1:-all}" in
   large) bench_large ;;
   conns) bench_conns ;;
   runtime) bench_runtime ;;
-  all) bench_small; bench_large; bench_conns; bench_accounting; bench_runtime ;;
-  *) echo "usage: $0 accounting|small|large|conns|runtime|all" >&2; exit 2 ;;
+  answers) bench_answers ;;
+  all) bench_small; bench_large; bench_conns; bench_accounting; bench_runtime; bench_answers ;;
+  *) echo "usage: $0 accounting|small|large|conns|runtime|answers|all" >&2; exit 2 ;;
 esac
