@@ -6,7 +6,7 @@ mod support;
 use rand::{Rng, SeedableRng};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,10 +19,6 @@ const MIB: usize = 1024 * 1024;
 // ---------------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------------
-
-fn is_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
-}
 
 /// A runtime for the proxy's tasks; the test thread itself stays synchronous and drives
 /// subprocesses. Declare it before the proxy so that it is dropped after it.
@@ -584,116 +580,12 @@ fn file_rewritten_in_place_while_streaming_with_known_digest_recovers_on_rerun()
 // A plain Range server: nginx
 // ---------------------------------------------------------------------------------------------
 
-fn nginx_binary() -> Option<PathBuf> {
-    let candidates = [
-        PathBuf::from("/usr/sbin/nginx"),
-        PathBuf::from("/usr/local/sbin/nginx"),
-    ];
-    candidates.into_iter().find(|p| p.exists()).or_else(|| {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("nginx"))
-                .find(|p| p.exists())
-        })
-    })
-}
-
-/// nginx in the foreground, single process, everything inside `dir`, serving `www`.
-struct Nginx {
-    _child: KillOnDrop,
-    addr: SocketAddr,
-}
-
-impl Nginx {
-    fn start(bin: &Path, dir: &Path, www: &Path) -> Nginx {
-        for attempt in 0..10 {
-            // nginx cannot take a listener, so: a free port now, hopefully still free when nginx
-            // binds it; a conflict is detected and retried.
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let d = dir.display();
-            let conf = format!(
-                "daemon off;\n\
-                 master_process off;\n\
-                 worker_processes 1;\n\
-                 pid {d}/nginx.pid;\n\
-                 error_log {d}/error.log info;\n\
-                 events {{ worker_connections 64; }}\n\
-                 http {{\n\
-                 \x20 access_log {d}/access.log;\n\
-                 \x20 client_body_temp_path {d}/tmp/body;\n\
-                 \x20 proxy_temp_path {d}/tmp/proxy;\n\
-                 \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n\
-                 \x20 uwsgi_temp_path {d}/tmp/uwsgi;\n\
-                 \x20 scgi_temp_path {d}/tmp/scgi;\n\
-                 \x20 default_type application/octet-stream;\n\
-                 \x20 server {{\n\
-                 \x20   listen 127.0.0.1:{port};\n\
-                 \x20   root {www};\n\
-                 \x20 }}\n\
-                 }}\n",
-                www = www.display()
-            );
-            std::fs::create_dir_all(dir.join("tmp")).unwrap();
-            let conf_path = dir.join("nginx.conf");
-            std::fs::write(&conf_path, conf).unwrap();
-            let _ = std::fs::remove_file(dir.join("error.log"));
-            let mut child = KillOnDrop(
-                Command::new(bin)
-                    .arg("-p")
-                    .arg(dir)
-                    .arg("-c")
-                    .arg(&conf_path)
-                    .arg("-e")
-                    .arg(dir.join("error.log"))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(File::create(dir.join("nginx.stderr")).unwrap())
-                    .spawn()
-                    .expect("spawn nginx"),
-            );
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let started = Instant::now();
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
-                        + &std::fs::read_to_string(dir.join("nginx.stderr")).unwrap_or_default();
-                    if log.contains("Address already in use") {
-                        eprintln!("nginx: port {port} taken (attempt {attempt}), retrying");
-                        break;
-                    }
-                    panic!("nginx exited with {status}:\n{log}");
-                }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return Nginx {
-                        _child: child,
-                        addr,
-                    };
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "nginx did not start listening on {addr}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("nginx could not bind a free port in 10 attempts");
-    }
-}
-
 /// Against nginx (standard ranges, its own ETags, no Repr-Digest, no roam IDs), through a
 /// proxy that resets four connections, one of them inside the response head: the file is
 /// exact, no ID was minted, and the client says it could only check the length.
 #[test]
 fn works_against_nginx_with_plain_ranges() {
-    let Some(bin) = nginx_binary() else {
-        if is_ci() {
-            panic!("CI=true but nginx is not installed");
-        }
-        println!("skipping: nginx not found");
+    let Some(bin) = support::nginx::nginx_or_skip() else {
         return;
     };
     const LEN: usize = 8 * MIB;
@@ -702,7 +594,16 @@ fn works_against_nginx_with_plain_ranges() {
     std::fs::create_dir(&www).unwrap();
     let data = pattern(LEN, 7);
     std::fs::write(www.join("file"), &data).unwrap();
-    let nginx = Nginx::start(&bin, tmp.path(), &www);
+    let nginx = support::nginx::Nginx::start(
+        &bin,
+        |dir| {
+            format!(
+                "access_log {}/access.log;\ndefault_type application/octet-stream;",
+                dir.display()
+            )
+        },
+        &format!("root {};", www.display()),
+    );
 
     let rt = runtime();
     let resets = [
@@ -738,8 +639,7 @@ fn works_against_nginx_with_plain_ranges() {
     assert!(!s.verified, "nginx sends no Repr-Digest: {s:?}");
     assert!(run.stderr.contains("no sha-256 Repr-Digest"));
     assert_eq!(s.received, LEN as u64, "no byte read twice");
-    let access = std::fs::read_to_string(tmp.path().join("access.log")).unwrap();
-    println!("nginx access log:\n{access}");
+    println!("nginx access log:\n{}", nginx.access_log());
     drop(px);
 }
 

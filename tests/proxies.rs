@@ -17,14 +17,11 @@
 
 mod support;
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use support::netns::KillOnDrop;
 use support::server::*;
 
 const MIB: usize = 1024 * 1024;
@@ -36,133 +33,34 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn is_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
-}
+/// nginx proxying to one roam server through an upstream with keep-alive, with a cache zone.
+struct Nginx(support::nginx::Nginx);
 
-/// The nginx binary, or `None` (after printing "skipping") outside CI; panics under `CI=true`.
-fn nginx_or_skip() -> Option<PathBuf> {
-    let candidates = [
-        PathBuf::from("/usr/sbin/nginx"),
-        PathBuf::from("/usr/local/sbin/nginx"),
-    ];
-    let found = candidates.into_iter().find(|p| p.exists()).or_else(|| {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("nginx"))
-                .find(|p| p.exists())
-        })
-    });
-    if found.is_none() {
-        assert!(
-            !is_ci(),
-            "CI=true but nginx is not installed (scripts/test.sh installs it)"
-        );
-        println!("skipping: nginx not found");
+impl std::ops::Deref for Nginx {
+    type Target = support::nginx::Nginx;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
-    found
-}
-
-/// nginx in the foreground (`daemon off; master_process off;`), every path inside its own
-/// temporary folder, proxying to one roam server through an upstream with keep-alive.
-struct Nginx {
-    _child: KillOnDrop,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
 }
 
 impl Nginx {
     /// `server_body` is the inside of the `server { }` block after `listen`; it can use the
     /// upstream `roam` and the cache zone `c`.
     fn start(bin: &Path, upstream: SocketAddr, server_body: &str) -> Nginx {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
-        std::fs::create_dir_all(dir.path().join("cache")).unwrap();
-        for attempt in 0..10 {
-            // nginx cannot take a listener: reserve a free port, drop it, and retry if another
-            // process took it in between.
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let conf = format!(
-                "daemon off;\n\
-                 master_process off;\n\
-                 worker_processes 1;\n\
-                 pid {d}/nginx.pid;\n\
-                 error_log {d}/error.log info;\n\
-                 events {{ worker_connections 256; }}\n\
-                 http {{\n\
-                 log_format up '\"$request\" $status $body_bytes_sent range=\"$http_range\" \
+        let http = move |dir: &Path| {
+            let d = dir.display();
+            std::fs::create_dir_all(dir.join("cache")).unwrap();
+            format!(
+                "log_format up '\"$request\" $status $body_bytes_sent range=\"$http_range\" \
                  upstream=$upstream_status/$upstream_response_length cache=$upstream_cache_status';\n\
                  access_log {d}/access.log up;\n\
-                 client_body_temp_path {d}/tmp/body;\n\
-                 proxy_temp_path {d}/tmp/proxy;\n\
-                 fastcgi_temp_path {d}/tmp/fastcgi;\n\
-                 uwsgi_temp_path {d}/tmp/uwsgi;\n\
-                 scgi_temp_path {d}/tmp/scgi;\n\
                  proxy_cache_path {d}/cache keys_zone=c:1m;\n\
-                 upstream roam {{ server {upstream}; keepalive 8; }}\n\
-                 server {{\n\
-                 listen 127.0.0.1:{port};\n\
-                 proxy_http_version 1.1;\n\
-                 proxy_set_header Connection \"\";\n\
-                 {server_body}\n\
-                 }}\n\
-                 }}\n"
-            );
-            let conf_path = dir.path().join("nginx.conf");
-            std::fs::write(&conf_path, conf).unwrap();
-            let _ = std::fs::remove_file(dir.path().join("error.log"));
-            let mut child = KillOnDrop(
-                Command::new(bin)
-                    .arg("-p")
-                    .arg(dir.path())
-                    .arg("-c")
-                    .arg(&conf_path)
-                    .arg("-e")
-                    .arg(dir.path().join("error.log"))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(File::create(dir.path().join("nginx.stderr")).unwrap())
-                    .spawn()
-                    .expect("spawn nginx"),
-            );
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let started = Instant::now();
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    let log = std::fs::read_to_string(dir.path().join("error.log"))
-                        .unwrap_or_default()
-                        + &std::fs::read_to_string(dir.path().join("nginx.stderr"))
-                            .unwrap_or_default();
-                    if log.contains("Address already in use") {
-                        eprintln!("nginx: port {port} taken (attempt {attempt}), retrying");
-                        break;
-                    }
-                    panic!("nginx exited with {status}:\n{log}");
-                }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return Nginx {
-                        _child: child,
-                        addr,
-                        dir,
-                    };
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "nginx did not start listening on {addr}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("nginx could not bind a free port in 10 attempts");
-    }
-
-    fn access_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+                 upstream roam {{ server {upstream}; keepalive 8; }}"
+            )
+        };
+        let body =
+            format!("proxy_http_version 1.1;\nproxy_set_header Connection \"\";\n{server_body}");
+        Nginx(support::nginx::Nginx::start(bin, http, &body))
     }
 
     /// Files nginx has written into its cache folder.
@@ -268,7 +166,9 @@ fn range_start(r: &Response) -> u64 {
 #[test]
 fn buffering_proxy_resume_without_range_is_honest_and_with_range_is_exact() {
     let _serial = serial();
-    let Some(bin) = nginx_or_skip() else { return };
+    let Some(bin) = support::nginx::nginx_or_skip() else {
+        return;
+    };
     const LEN: usize = 32 * MIB;
     const HAVE: usize = MIB;
     let o = origin(LEN, 1);
@@ -352,7 +252,9 @@ fn buffering_proxy_resume_without_range_is_honest_and_with_range_is_exact() {
 #[test]
 fn fields_pass_through_and_sessions_stay_separate_behind_one_proxy() {
     let _serial = serial();
-    let Some(bin) = nginx_or_skip() else { return };
+    let Some(bin) = support::nginx::nginx_or_skip() else {
+        return;
+    };
     const LEN: usize = 64 * MIB;
     const READ: usize = MIB;
     let o = origin(LEN, 2);
@@ -460,7 +362,9 @@ fn fields_pass_through_and_sessions_stay_separate_behind_one_proxy() {
 #[test]
 fn caching_proxy_stores_no_id_and_no_session_response() {
     let _serial = serial();
-    let Some(bin) = nginx_or_skip() else { return };
+    let Some(bin) = support::nginx::nginx_or_skip() else {
+        return;
+    };
     const LEN: usize = 2 * MIB;
     let o = origin(LEN, 3);
     let cache = "proxy_cache c; proxy_cache_valid 200 206 10m; \
@@ -526,7 +430,9 @@ fn caching_proxy_stores_no_id_and_no_session_response() {
 #[test]
 fn caching_proxy_drops_range_and_answers_stay_self_describing() {
     let _serial = serial();
-    let Some(bin) = nginx_or_skip() else { return };
+    let Some(bin) = support::nginx::nginx_or_skip() else {
+        return;
+    };
     const LEN: usize = 4 * MIB;
     const N: usize = 1_000_000;
     let o = origin(LEN, 4);

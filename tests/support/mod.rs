@@ -1,4 +1,5 @@
 //! Shared integration-test support: a byte-exact disruptive TCP proxy and a network-namespace harness.
 pub mod netns;
+pub mod nginx;
 pub mod proxy;
 pub mod server;
