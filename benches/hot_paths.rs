@@ -66,14 +66,13 @@ fn store(c: &mut Criterion) {
         client: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         file: FileId((i % 7) as u32),
     };
-    for i in 0..n {
-        store.begin(key(i), 1, 0).unwrap();
-    }
+    let epochs: Vec<roam::store::Epoch> =
+        (0..n).map(|i| store.begin(key(i), 1, 0).unwrap()).collect();
     let mut i = 0u64;
     c.bench_function(&format!("store advance ({n} sessions)"), |b| {
         b.iter(|| {
             i = (i + 7919) % n;
-            store.advance(&key(i), roam::store::Epoch(0), black_box(i))
+            store.advance(&key(i), epochs[i as usize], black_box(i))
         })
     });
     c.bench_function(&format!("store get ({n} sessions)"), |b| {

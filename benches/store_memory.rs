@@ -8,6 +8,7 @@
 //! Under `cargo test` (no `--bench` argument) it runs a small smoke size.
 
 use roam::store::{Epoch, FileId, MemoryStore, ProgressStore, SessionKey};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,15 +58,18 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 10_000_000 } else { 10_000 });
     let store = Arc::new(MemoryStore::new(usize::MAX, Duration::from_secs(24 * 3600)));
+    // Each record's epoch, kept outside the measured memory: `advance` needs its owner's.
+    let epochs: Arc<Vec<AtomicU16>> = Arc::new((0..n).map(|_| AtomicU16::new(0)).collect());
     let before = rss_bytes();
-    let s = Arc::clone(&store);
+    let (s, e) = (Arc::clone(&store), Arc::clone(&epochs));
     let inserts = parallel(n, 2, move |i| {
-        s.begin(key(i), 7, 0).expect("no cap");
+        let epoch = s.begin(key(i), 7, 0).expect("no cap");
+        e[i as usize].store(epoch.0, Ordering::Relaxed);
     });
     let after = rss_bytes();
-    let s = Arc::clone(&store);
+    let (s, e) = (Arc::clone(&store), Arc::clone(&epochs));
     let updates = parallel(n, 2, move |i| {
-        s.advance(&key(i), Epoch(0), i);
+        s.advance(&key(i), Epoch(e[i as usize].load(Ordering::Relaxed)), i);
     });
     let s = Arc::clone(&store);
     let lookups = parallel(n, 2, move |i| {

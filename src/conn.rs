@@ -41,9 +41,11 @@ const LOWAT_FROM: u64 = 1 << 20;
 const SETTLE_BATCH: usize = 16;
 /// How often a sender blocked on a slow reader records the reader's progress.
 const BLOCKED_SETTLE: Duration = Duration::from_millis(250);
-/// Longest wait for in-flight acknowledgements before an abort (Linux delays ACKs by up to
-/// 40 ms).
-const FINAL_ACK_WAIT: Duration = Duration::from_millis(50);
+/// Shortest and longest wait for in-flight acknowledgements before an abort: at least one
+/// delayed-ACK interval (Linux delays ACKs by up to 40 ms), at most half a second; in between,
+/// two smoothed round trips of the connection (a cellular path takes 50 to 200 ms).
+const FINAL_ACK_WAIT_MIN: Duration = Duration::from_millis(50);
+const FINAL_ACK_WAIT_MAX: Duration = Duration::from_millis(500);
 /// After our last response, how long we keep reading (and discarding) so that unread request
 /// bytes do not turn our close into a reset that destroys the response in flight.
 const LINGER_READ: Duration = Duration::from_secs(2);
@@ -308,6 +310,10 @@ impl Connection {
 
     /// Writes a response. HEAD responses arrive with an empty body already.
     async fn send(&mut self, resp: Response, close: bool, http10: bool) -> Result<(), End> {
+        // Taken over while deciding: send nothing. (At shutdown a decided answer still goes out.)
+        if self.handle.abort.is_cancelled() && !self.shutdown.is_cancelled() {
+            return Err(End::Abort("taken over"));
+        }
         let Response {
             head,
             body,
@@ -335,11 +341,12 @@ impl Connection {
                     self.bound_unsent();
                 }
                 self.write(&head, true, false).await?;
+                let tracked = tracking.is_some();
                 if let Some(t) = tracking {
                     let stream_start = self.ledger.written();
                     self.track(t, range.len(), stream_start);
                 }
-                self.send_file(&file, range.start, range.end, true).await
+                self.send_file(&file, range.start, range.end, tracked).await
             }
             Body::Multipart {
                 source: file,
@@ -675,6 +682,7 @@ impl Connection {
                 if self.linger().await == Lingered::TakenOver {
                     // A successor is waiting: bytes still queued must not reach the peer after
                     // the offset we record.
+                    self.await_final_acks().await;
                     let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
                 }
             }
@@ -709,7 +717,10 @@ impl Connection {
         if self.pending.is_empty() {
             return;
         }
-        let deadline = Instant::now() + FINAL_ACK_WAIT;
+        let wait = sys_rtt(self.fd)
+            .map_or(FINAL_ACK_WAIT_MIN, |rtt| rtt * 2)
+            .clamp(FINAL_ACK_WAIT_MIN, FINAL_ACK_WAIT_MAX);
+        let deadline = Instant::now() + wait;
         while Instant::now() < deadline && !self.nothing_in_flight() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -789,6 +800,19 @@ impl Connection {
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
+    }
+}
+
+/// The connection's smoothed round-trip time, where the platform tells it.
+fn sys_rtt(fd: RawFd) -> Option<Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        sys::smoothed_rtt(fd).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        None
     }
 }
 

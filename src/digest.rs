@@ -23,7 +23,8 @@ enum Known {
     Ready { version: u64, field: Arc<str> },
 }
 
-/// Cache of `Repr-Digest` field values by file, one version each.
+/// Cache of `Repr-Digest` field values by file, one version each: like the file ids, one small
+/// entry per file that was ever served while the server ran.
 #[derive(Debug)]
 pub struct Digests {
     known: DashMap<FileId, Known>,
@@ -52,12 +53,16 @@ impl Digests {
 
     /// The field value for this version of the file if it is known; otherwise starts computing
     /// it (once) and returns `None`. Must be called inside a Tokio runtime.
+    ///
+    /// At most one computation per file at a time, whatever its version: a file that keeps
+    /// changing must not queue a hash (and a descriptor) per version. When a computation of an
+    /// older version ends, the next request starts one for the current version.
     pub fn get_or_start(self: &Arc<Self>, id: FileId, file: &OpenFile) -> Option<Arc<str>> {
         match self.known.get(&id).as_deref() {
             Some(Known::Ready { version, field }) if *version == file.version => {
                 return Some(Arc::clone(field))
             }
-            Some(Known::Computing { version }) if *version == file.version => return None,
+            Some(Known::Computing { .. }) => return None,
             _ => {}
         }
         if self.stopped.load(Ordering::Relaxed) {

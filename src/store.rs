@@ -101,6 +101,9 @@ pub struct MemoryStore {
     map: DashMap<SessionKey, Entry>,
     /// Sessions held; kept beside the map because counting a DashMap takes every shard's lock.
     count: AtomicUsize,
+    /// First epoch of the next new record: a record re-created after expiry must not start at
+    /// an epoch an owner of the expired one still holds.
+    next_epoch: AtomicU16,
     cap: usize,
     /// The TTL in time units.
     ttl_units: u16,
@@ -118,6 +121,7 @@ impl MemoryStore {
         MemoryStore {
             map: DashMap::new(),
             count: AtomicUsize::new(0),
+            next_epoch: AtomicU16::new(0),
             cap,
             ttl_units: u16::try_from(ttl.as_secs().div_ceil(unit_secs)).unwrap_or(u16::MAX),
             unit_secs,
@@ -156,14 +160,15 @@ impl ProgressStore for MemoryStore {
             }
             dashmap::Entry::Vacant(_) if at_cap => Err(StoreFull { cap: self.cap }),
             dashmap::Entry::Vacant(v) => {
+                let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
                 v.insert(Entry {
                     offset: AtomicU64::new(offset),
                     version,
-                    epoch: 0,
+                    epoch,
                     touched: AtomicU16::new(now),
                 });
                 self.count.fetch_add(1, Ordering::Relaxed);
-                Ok(Epoch(0))
+                Ok(Epoch(epoch))
             }
         }
     }
@@ -199,7 +204,9 @@ impl ProgressStore for MemoryStore {
 }
 
 /// Interns served paths (relative to the root) into [`FileId`]s. Only paths that resolved to
-/// an existing regular file are interned, so the table is bounded by the files under the root.
+/// an existing regular file are interned, so the table is bounded by the files that ever
+/// existed under the root while the server ran (about 100 bytes each); ids are never reused,
+/// so a session can never be mistaken for another file's.
 #[derive(Debug, Default)]
 pub struct FileIds {
     ids: DashMap<Arc<Path>, FileId>,

@@ -73,6 +73,14 @@ pub fn unacked_segments(fd: RawFd) -> io::Result<u32> {
     Ok(tcp_info(fd)?.0.tcpi_unacked)
 }
 
+/// The smoothed round-trip time the kernel keeps for the connection (`tcpi_rtt`).
+#[cfg(target_os = "linux")]
+pub fn smoothed_rtt(fd: RawFd) -> io::Result<std::time::Duration> {
+    Ok(std::time::Duration::from_micros(u64::from(
+        tcp_info(fd)?.0.tcpi_rtt,
+    )))
+}
+
 /// Bytes in the send queue not yet acknowledged by the peer (`SIOCOUTQ`, same value as
 /// `TIOCOUTQ` on Linux).
 #[cfg(target_os = "linux")]

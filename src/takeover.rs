@@ -75,11 +75,15 @@ impl Owners {
         if let Some(prev) = previous {
             if prev.conn.id != conn.id {
                 prev.conn.abort.cancel();
-                if tokio::time::timeout(TAKEOVER_WAIT, prev.released.cancelled())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(?key, "stale owner did not release within the takeover wait");
+                // Stop waiting if this connection is itself aborted meanwhile (two connections
+                // taking a session from each other must not wait for each other); the caller
+                // notices at its next check and sends nothing.
+                tokio::select! {
+                    _ = prev.released.cancelled() => {}
+                    _ = conn.abort.cancelled() => {}
+                    _ = tokio::time::sleep(TAKEOVER_WAIT) => {
+                        tracing::warn!(?key, "stale owner did not release within the takeover wait");
+                    }
                 }
             }
         }
@@ -183,6 +187,21 @@ mod tests {
         let other = conn(2);
         let _declared = owners.declare(key(), &other);
         assert!(!c.abort.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_taker_aborted_while_waiting_stops_waiting() {
+        let owners = Arc::new(Owners::default());
+        let _stuck = owners.take_over(key(), &conn(1)).await;
+        let taker = conn(2);
+        let abort = taker.abort.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            abort.cancel();
+        });
+        let started = tokio::time::Instant::now();
+        let _new = owners.take_over(key(), &taker).await;
+        assert!(started.elapsed() < TAKEOVER_WAIT);
     }
 
     #[tokio::test(start_paused = true)]

@@ -453,8 +453,14 @@ impl Download<'_> {
                         why: format!("server started at {first}, past {offset}"),
                     });
                 }
-                let complete = complete.unwrap_or(last + 1);
-                if last + 1 != complete {
+                let Some(end) = last.checked_add(1) else {
+                    return Ok(Attempt::Broken {
+                        progressed: false,
+                        why: "Content-Range past the largest offset".into(),
+                    });
+                };
+                let complete = complete.unwrap_or(end);
+                if end != complete {
                     return Ok(Attempt::Broken {
                         progressed: false,
                         why: "server sent a closed range".into(),
