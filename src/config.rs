@@ -166,6 +166,11 @@ impl Config {
                 return Err(ConfigError(format!("{name} must be greater than zero")));
             }
         }
+        // A session must outlive the quiet stretches of its own download (a stalled write, a
+        // takeover wait, a phone between networks) or it would be swept from under its owner.
+        if self.session_ttl < Duration::from_secs(60) {
+            return bad("--session-ttl must be at least 1 minute");
+        }
         if self.max_sessions == 0 {
             return bad("--max-sessions must be at least 1");
         }
