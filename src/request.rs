@@ -47,6 +47,19 @@ pub struct Request {
     pub if_range: Option<String>,
 }
 
+impl Request {
+    /// The conditional fields, as the precondition evaluation takes them.
+    pub fn conditions(&self) -> crate::precondition::Conditions<'_> {
+        crate::precondition::Conditions {
+            if_match: self.if_match.as_deref(),
+            if_none_match: self.if_none_match.as_deref(),
+            if_modified_since: self.if_modified_since.as_deref(),
+            if_unmodified_since: self.if_unmodified_since.as_deref(),
+            if_range: self.if_range.as_deref(),
+        }
+    }
+}
+
 /// Tries to parse one request head from the front of `buf`. `Ok(None)` means more bytes are
 /// needed (and the limits still allow them); `Ok(Some((req, n)))` consumed `n` bytes.
 pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<(Request, usize)>, RequestError> {

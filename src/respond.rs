@@ -4,7 +4,7 @@
 use crate::error::RequestError;
 use crate::files::{OpenError, OpenFile, Source};
 use crate::id::IdError;
-use crate::precondition::{self, Conditions, Validators, Verdict};
+use crate::precondition::{self, Validators, Verdict};
 use crate::range::{self, ByteRange, ContentRange, RangePlan};
 use crate::request::{Method, Request};
 use crate::response::{Head, Status};
@@ -122,13 +122,7 @@ async fn serve_file(
         etag: &file.etag,
         last_modified: file.last_modified,
     };
-    let conditions = Conditions {
-        if_match: req.if_match.as_deref(),
-        if_none_match: req.if_none_match.as_deref(),
-        if_modified_since: req.if_modified_since.as_deref(),
-        if_unmodified_since: req.if_unmodified_since.as_deref(),
-        if_range: req.if_range.as_deref(),
-    };
+    let conditions = req.conditions();
     let honor_range = match precondition::evaluate(&conditions, &validators) {
         Verdict::PreconditionFailed => {
             return Ok(bodiless(Status::PreconditionFailed, &file));

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use roam::id::IdAuthority;
-use roam::precondition::{self, Conditions, Validators};
+use roam::precondition::{self, Validators};
 use roam::range::{self, RangePlan, MAX_PARTS};
 use roam::request::{self, Limits, Request};
 use roam::target::{self, Route};
@@ -86,13 +86,7 @@ fn check_request(req: &Request) {
             }
         }
     }
-    let conditions = Conditions {
-        if_match: req.if_match.as_deref(),
-        if_none_match: req.if_none_match.as_deref(),
-        if_modified_since: req.if_modified_since.as_deref(),
-        if_unmodified_since: req.if_unmodified_since.as_deref(),
-        if_range: req.if_range.as_deref(),
-    };
+    let conditions = req.conditions();
     for (etag, secs) in [("\"10-5f\"", 1_700_000_000), ("\"0-0\"", 0)] {
         let validators = Validators {
             etag,
