@@ -1,6 +1,7 @@
 //! Representation digests (RFC 9530 `Repr-Digest: sha-256=:…:`), computed once per file version
 //! in the background and cached. A request never waits for a digest: until it is ready the
-//! field is simply omitted, so a multi-gigabyte file costs its first client nothing.
+//! response says `Roam-Digest: pending` instead, so a multi-gigabyte file costs its first
+//! client nothing and a client can tell "not computed yet" from "this server has none".
 
 use crate::files::OpenFile;
 use crate::store::FileId;
@@ -16,6 +17,17 @@ use tokio::sync::Semaphore;
 /// Digests computed at once: hashing reads whole files, and serving must keep the rest of the
 /// disk bandwidth and the other core.
 const CONCURRENT_DIGESTS: usize = 1;
+
+/// What a response can say about the digest of the version it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DigestState {
+    /// The `Repr-Digest` field value.
+    Ready(Arc<str>),
+    /// Being computed or waiting its turn: ask again later (`Roam-Digest: pending`).
+    Pending,
+    /// None will be computed (the server is stopping).
+    Unavailable,
+}
 
 #[derive(Debug, Clone)]
 enum Known {
@@ -57,16 +69,16 @@ impl Digests {
     /// At most one computation per file at a time, whatever its version: a file that keeps
     /// changing must not queue a hash (and a descriptor) per version. When a computation of an
     /// older version ends, the next request starts one for the current version.
-    pub fn get_or_start(self: &Arc<Self>, id: FileId, file: &OpenFile) -> Option<Arc<str>> {
+    pub fn get_or_start(self: &Arc<Self>, id: FileId, file: &OpenFile) -> DigestState {
         match self.known.get(&id).as_deref() {
             Some(Known::Ready { version, field }) if *version == file.version => {
-                return Some(Arc::clone(field))
+                return DigestState::Ready(Arc::clone(field))
             }
-            Some(Known::Computing { .. }) => return None,
+            Some(Known::Computing { .. }) => return DigestState::Pending,
             _ => {}
         }
         if self.stopped.load(Ordering::Relaxed) {
-            return None;
+            return DigestState::Unavailable;
         }
         let stopped = Arc::clone(&self.stopped);
         self.known.insert(
@@ -109,7 +121,7 @@ impl Digests {
                 }
             }
         });
-        None
+        DigestState::Pending
     }
 }
 

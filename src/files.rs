@@ -74,8 +74,8 @@ pub struct OpenFile {
     /// The whole content, for files of at most [`SMALL_FILE`] bytes: served from memory with
     /// the head in one write.
     pub small: Option<Bytes>,
-    /// The `Repr-Digest` field value, once computed for this version (see `digest`).
-    pub digest: Option<Arc<str>>,
+    /// What is known of this version's `Repr-Digest` (see `digest`).
+    pub digest: crate::digest::DigestState,
 }
 
 /// Files up to this size are read whole when opened and served from that copy (which the file
@@ -153,7 +153,7 @@ impl Root {
             content_type,
             fields,
             small,
-            digest: None,
+            digest: crate::digest::DigestState::Unavailable,
         })
     }
 

@@ -1,6 +1,7 @@
 //! Deciding what to send: from a parsed request to a [`Response`] (status, head, body and, for
 //! downloads that move a session, the ownership and epoch its progress is recorded under).
 
+use crate::digest::DigestState;
 use crate::error::RequestError;
 use crate::files::{OpenError, OpenFile, Source};
 use crate::id::IdError;
@@ -17,6 +18,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// Response field carrying the session's offset: where a server-resumed download of this file
 /// would start now (on HEAD), or where this response's bytes start (on GET).
 pub const OFFSET_FIELD: &str = "Roam-Offset";
+/// Response field saying that the `Repr-Digest` of this version is being computed.
+pub const DIGEST_PENDING_FIELD: &str = "Roam-Digest";
 
 /// A decided response, its head not yet finished (the connection adds `Connection`).
 #[derive(Debug)]
@@ -288,8 +291,14 @@ fn declared(
 /// no shared cache may reuse it for anyone.)
 fn representation_fields(head: &mut Head, file: &OpenFile) {
     head.raw(&file.fields);
-    if let Some(digest) = &file.digest {
-        head.field("Repr-Digest", digest);
+    match &file.digest {
+        DigestState::Ready(digest) => {
+            head.field("Repr-Digest", digest);
+        }
+        DigestState::Pending => {
+            head.field(DIGEST_PENDING_FIELD, "pending");
+        }
+        DigestState::Unavailable => {}
     }
 }
 

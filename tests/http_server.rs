@@ -1456,3 +1456,40 @@ fn shutdown_is_not_held_up_by_the_background_digest_of_a_large_file() {
          the background digest of the 20 GiB file holds it up"
     );
 }
+
+/// A client must be able to tell "the digest is not computed yet" from "this server has no
+/// digest" (issue 10: `roam get` gave up polling after 2 s while a debug build was still
+/// hashing a 64 MiB file). Until the SHA-256 of a version is known, every file response says
+/// `Roam-Digest: pending`; once it is known, `Repr-Digest` replaces it.
+#[test]
+fn a_digest_being_computed_is_announced_as_pending_until_it_is_ready() {
+    let root = Root::new();
+    root.file("big.bin", &pattern(48 * 1024 * 1024, 21));
+    let srv = TestServer::start(root.path());
+    let id = srv.mint();
+    let target = format!("/{id}/big.bin");
+    // The first request starts the computation; it cannot have finished before the answer.
+    let first = exchange(srv.addr, &head_req(&target));
+    first.head.assert_status(ST_200);
+    assert_eq!(first.head.get("Roam-Digest"), Some("pending"));
+    assert_eq!(first.head.get("Repr-Digest"), None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = exchange(srv.addr, &head_req(&target));
+        match (r.head.get("Repr-Digest"), r.head.get("Roam-Digest")) {
+            (Some(d), None) => {
+                assert!(d.starts_with("sha-256=:"), "{d}");
+                break;
+            }
+            (None, Some("pending")) => {}
+            other => {
+                panic!("a digest is either pending or ready, never both or neither: {other:?}")
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the digest never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

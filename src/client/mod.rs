@@ -23,6 +23,22 @@ use std::time::{Duration, Instant};
 const SYNC_EVERY: u64 = 8 << 20;
 /// First retry delay; doubles per consecutive failure up to `max_retry_delay`.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+/// The field roam sends (`Roam-Digest: pending`) while it computes a file's `Repr-Digest`.
+const DIGEST_PENDING_FIELD: &str = "roam-digest";
+/// The slowest hashing rate a server is assumed to reach, queueing included: waiting for a
+/// pending digest is bounded by the file's length at this rate (with [`DIGEST_WAIT_BASE`]).
+/// roam hashes at about 1.6 GB/s on one core; a fiftieth of that leaves room for a busy disk
+/// and other files hashed first.
+pub const DIGEST_RATE_FLOOR: u64 = 32 * 1000 * 1000;
+/// Added to the wait for any file, small ones included.
+pub const DIGEST_WAIT_BASE: Duration = Duration::from_secs(30);
+const DIGEST_POLL_FIRST: Duration = Duration::from_millis(100);
+const DIGEST_POLL_MAX: Duration = Duration::from_secs(2);
+
+/// How long to wait for a pending digest of a `length`-byte file (before `--max-time`).
+pub fn digest_wait(length: u64) -> Duration {
+    DIGEST_WAIT_BASE + Duration::from_secs(length / DIGEST_RATE_FLOOR)
+}
 
 /// What `roam get` was asked to do.
 #[derive(Clone, Debug)]
@@ -121,12 +137,11 @@ pub async fn get(opts: &GetOptions, obs: &mut dyn Observer) -> Result<Summary, G
             ..Summary::default()
         },
         started: Instant::now(),
-        roam_server: false,
     };
     dl.prepare(&source, obs).await?;
     loop {
         dl.run(obs).await?;
-        match dl.fetch_digest().await {
+        match dl.fetch_digest(obs).await {
             DigestCheck::Changed => {
                 // The bytes on disk may mix versions and there is no digest of ours to tell.
                 obs.note("the file changed on the server during the download: starting over");
@@ -202,8 +217,6 @@ struct Download<'a> {
     file: Option<File>,
     summary: Summary,
     started: Instant,
-    /// The server answered as roam (it computes digests in the background, worth polling for).
-    roam_server: bool,
 }
 
 /// What one attempt achieved.
@@ -420,13 +433,6 @@ impl Download<'_> {
             }
         };
         let status = ex.head.status;
-        if ex
-            .head
-            .field("server")
-            .is_some_and(|s| s.starts_with("roam/"))
-        {
-            self.roam_server = true;
-        }
         let etag = ex
             .head
             .field("etag")
@@ -611,17 +617,26 @@ impl Download<'_> {
     }
 
     /// A server computing digests in the background (roam) may not have had one when the bytes
-    /// were sent: ask again with HEAD (a few times for roam, once for others), for this version
-    /// only. A different ETag now means the file changed while we downloaded it.
-    async fn fetch_digest(&mut self) -> DigestCheck {
+    /// were sent. roam says so with `Roam-Digest: pending`: then ask again with HEAD, with a
+    /// growing pause, for as long as hashing this file can reasonably take (see
+    /// [`digest_wait`]) and never past `--max-time`. A server that sends neither field has no
+    /// digest: one HEAD is enough. A different ETag now means the file changed while we
+    /// downloaded it.
+    async fn fetch_digest(&mut self, obs: &mut dyn Observer) -> DigestCheck {
         if self.state.digest.is_some() {
             return DigestCheck::Known;
         }
         let (Some(etag), Ok(url)) = (self.state.etag.clone(), Url::parse(&self.state.url)) else {
             return DigestCheck::Unavailable("the server sent no ETag or digest");
         };
-        let tries = if self.roam_server { 10 } else { 1 };
-        for _ in 0..tries {
+        let mut wait = digest_wait(self.state.length.unwrap_or(0));
+        if !self.opts.max_time.is_zero() {
+            wait = wait.min(self.opts.max_time.saturating_sub(self.started.elapsed()));
+        }
+        let deadline = Instant::now() + wait;
+        let mut pause = DIGEST_POLL_FIRST;
+        let mut told = false;
+        loop {
             let Ok(head) = http::head(&url, &[], self.opts.stall_timeout).await else {
                 return DigestCheck::Unavailable("the server could not be asked for its digest");
             };
@@ -632,9 +647,24 @@ impl Download<'_> {
                 self.state.digest = Some(d.to_owned());
                 return DigestCheck::Known;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            if head.field(DIGEST_PENDING_FIELD) != Some("pending") {
+                return DigestCheck::Unavailable("the server sent no sha-256 Repr-Digest");
+            }
+            if Instant::now() + pause > deadline {
+                return DigestCheck::Unavailable(
+                    "the server's digest was still pending when the wait for it ended",
+                );
+            }
+            if !told {
+                obs.note(&format!(
+                    "waiting for the server to finish its sha-256 of the file (up to {}s)",
+                    wait.as_secs()
+                ));
+                told = true;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(DIGEST_POLL_MAX);
         }
-        DigestCheck::Unavailable("the server sent no sha-256 Repr-Digest")
     }
 
     /// Verifies against the server's digest, then renames the part file into place.
