@@ -3,11 +3,14 @@
 //! store operations.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use roam::request::{self, Limits};
-use roam::store::{FileId, MemoryStore, ProgressStore, SessionKey};
+use roam::http::request::{self, Limits};
+use roam::session::clock::SessionClock;
+use roam::session::table::Table;
+use roam::session::{FileKey, SessionKey};
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 const HEAD: &[u8] = b"GET /0f3a5c7e-1b2d-8e4f-a6b8-c0d2e4f60819/videos/trip.mp4 HTTP/1.1\r\n\
@@ -25,15 +28,16 @@ fn parsing(c: &mut Criterion) {
     });
     c.bench_function("range parse+plan (open-ended)", |b| {
         b.iter(|| {
-            let specs = roam::range::parse(black_box("bytes=1048576-")).unwrap();
-            roam::range::plan(&specs, 1 << 30)
+            let specs = roam::http::range::parse(black_box("bytes=1048576-")).unwrap();
+            roam::http::range::plan(&specs, 1 << 30)
         })
     });
     c.bench_function("range parse+plan (5 ranges)", |b| {
         b.iter(|| {
             let specs =
-                roam::range::parse(black_box("bytes=0-99,200-299,-100,5000-,400-450")).unwrap();
-            roam::range::plan(&specs, 1 << 20)
+                roam::http::range::parse(black_box("bytes=0-99,200-299,-100,5000-,400-450"))
+                    .unwrap();
+            roam::http::range::plan(&specs, 1 << 20)
         })
     });
 }
@@ -61,12 +65,17 @@ fn store(c: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 10_000_000 } else { 10_000 });
-    let store = MemoryStore::new(usize::MAX, Duration::from_secs(3600));
+    let store = Table::new(
+        usize::MAX,
+        Duration::from_secs(3600),
+        Arc::new(SessionClock::default()),
+        false,
+    );
     let key = |i: u64| SessionKey {
         client: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        file: FileId((i % 7) as u32),
+        file: FileKey(i % 7),
     };
-    let epochs: Vec<roam::store::Epoch> =
+    let epochs: Vec<roam::session::Epoch> =
         (0..n).map(|i| store.begin(key(i), 1, 0).unwrap()).collect();
     let mut i = 0u64;
     c.bench_function(&format!("store advance ({n} sessions)"), |b| {
@@ -96,23 +105,23 @@ fn decide(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("f1k"), vec![7u8; 1024]).unwrap();
     std::fs::write(dir.path().join("f100k"), vec![7u8; 102_400]).unwrap();
-    let config = roam::config::Config::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+    let config = roam::settings::Config::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
     let svc = roam::service::Service::new(config).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let conn = roam::takeover::ConnectionHandle {
-        id: 1,
-        abort: tokio_util::sync::CancellationToken::new(),
-        peer: [127, 0, 0, 1].into(),
-    };
+    let conn = roam::session::ConnectionHandle::new(
+        1,
+        [127, 0, 0, 1].into(),
+        &tokio_util::sync::CancellationToken::new(),
+    );
     let limits = Limits {
         max_request_line: 8192,
         max_head: 16384,
         max_headers: 64,
     };
-    let ids: Vec<String> = (0..1000).map(|_| svc.ids.mint().to_string()).collect();
+    let ids: Vec<String> = (0..1000).map(|_| svc.ids().mint().to_string()).collect();
     for file in ["f1k", "f100k"] {
         let heads: Vec<Vec<u8>> = ids
             .iter()

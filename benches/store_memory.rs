@@ -1,4 +1,4 @@
-//! Memory and throughput of the progress store at scale: RSS growth per tracked session, and
+//! Memory and throughput of the session table at scale: RSS growth per tracked session, and
 //! inserts and updates per second on two threads. Not a criterion bench: it measures the
 //! process's resident memory, which needs a process of its own.
 //!
@@ -7,7 +7,9 @@
 //!
 //! Under `cargo test` (no `--bench` argument) it runs a small smoke size.
 
-use roam::store::{Epoch, FileId, MemoryStore, ProgressStore, SessionKey};
+use roam::session::clock::SessionClock;
+use roam::session::table::Table;
+use roam::session::{Epoch, FileKey, SessionKey};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +27,7 @@ fn key(i: u64) -> SessionKey {
     // Client nonces are random; a multiplicative hash spreads them the same way.
     SessionKey {
         client: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        file: FileId((i % 8) as u32),
+        file: FileKey(i % 8),
     }
 }
 
@@ -57,7 +59,12 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 10_000_000 } else { 10_000 });
-    let store = Arc::new(MemoryStore::new(usize::MAX, Duration::from_secs(24 * 3600)));
+    let store = Arc::new(Table::new(
+        usize::MAX,
+        Duration::from_secs(24 * 3600),
+        Arc::new(SessionClock::default()),
+        false,
+    ));
     // Each record's epoch, kept outside the measured memory: `advance` needs its owner's.
     let epochs: Arc<Vec<AtomicU16>> = Arc::new((0..n).map(|_| AtomicU16::new(0)).collect());
     let before = rss_bytes();

@@ -5,48 +5,37 @@
 //! bytes the client's TCP acknowledged, not the bytes it wrote.
 //!
 //! # Layout
-//! In the order a request flows through them:
-//! - [`server`]: accept loop, connection cap, shutdown.
-//! - [`conn`]: one connection: reading heads, writing responses, sending files, settling
-//!   progress.
-//! - [`request`]: request heads on httparse, framing and limits.
-//! - [`target`]: request target to route and validated relative path.
-//! - [`id`]: client IDs, minted and verified without server-side state; [`limit`]: optional
-//!   mint rate limit.
-//! - [`filetable`]: open files cached per path; [`files`]: confined opens under the root,
-//!   validators; [`digest`]: `Repr-Digest` cache.
-//! - [`precondition`], [`range`]: RFC 9110 conditional requests and byte ranges.
-//! - [`respond`]: the decision: status, head, body, which session it advances.
-//! - [`takeover`]: one sender per session; stale connections are aborted.
-//! - [`store`]: the progress store trait and its in-memory backend.
-//! - [`delivery`]: acknowledged bytes to confirmed body offsets.
-//! - [`response`], [`error`]: response heads; the one error-to-status mapping.
-//! - [`sys`]: the only `unsafe`: TCP_INFO, SIOCOUTQ, sendfile, openat2.
-//! - [`service`], [`config`], [`cli`]: shared state and settings.
+//! In the order a request meets them:
+//! - [`server`]: accept loop, connection cap, the sweeper and the session writer, shutdown.
+//! - [`conn`]: one connection: reading heads, sending responses and files, settling what each
+//!   body's peer acknowledged (`conn::progress`), closing (`conn::close`), and why it ended
+//!   (`conn::end`).
+//! - [`http`]: pure HTTP/1.1: request heads, targets and paths, ranges, preconditions,
+//!   response heads, errors and their statuses.
+//! - [`respond`]: the decision: status, head, body, and the session claim a body advances.
+//! - [`id`]: client IDs, minted and verified without server-side state, and the optional mint
+//!   rate limit.
+//! - [`files`]: confined opens under the served folder, the file table, `Repr-Digest`s.
+//! - [`session`]: the resume protocol: takeover of stale senders, records and epochs in the
+//!   table, the storage seam and write-behind layer for backends, claims.
+//! - [`service`]: the shared state a connection reaches through methods; [`settings`]: the
+//!   command line and the validated configuration.
+//! - [`sys`]: the only `unsafe`: TCP_INFO, SIOCOUTQ, sendfile, openat2; [`throttle`]: log
+//!   throttling.
 //!
-//! [`client`] is `roam get`, the download client: it uses none of the server modules but
-//! [`id`]'s ID format.
+//! [`client`] is `roam get`, the download client: it uses none of the server modules but the
+//! ID format and the `Content-Range` type.
 #![deny(unsafe_code)]
 
-pub mod cli;
 pub mod client;
-pub mod config;
 pub mod conn;
-pub mod delivery;
-pub mod digest;
-pub mod error;
 pub mod files;
-pub mod filetable;
+pub mod http;
 pub mod id;
-pub mod limit;
-pub mod precondition;
-pub mod range;
-pub mod request;
 pub mod respond;
-pub mod response;
 pub mod server;
 pub mod service;
-pub mod store;
+pub mod session;
+pub mod settings;
 pub mod sys;
-pub mod takeover;
-pub mod target;
+pub mod throttle;

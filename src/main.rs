@@ -3,9 +3,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use roam::cli::{Cli, Command, GetArgs, RuntimeMode, ServeArgs};
-use roam::config::{Config, LogFormat};
 use roam::service::Service;
+use roam::settings::cli::{Cli, Command, GetArgs, RuntimeMode, ServeArgs};
+use roam::settings::{Config, LogFormat};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -85,7 +85,7 @@ fn serve_per_core(config: Config, workers: usize) -> anyhow::Result<()> {
     }
     let svc = Service::new(config)?;
     announce(addr, &svc, workers, RuntimeMode::PerCore)?;
-    let share = svc.config.max_connections.div_ceil(workers).max(1);
+    let share = svc.config().max_connections.div_ceil(workers).max(1);
     let stop = CancellationToken::new();
     let threads = listeners
         .into_iter()
@@ -146,12 +146,12 @@ fn announce(
 ) -> anyhow::Result<()> {
     println!("roam listening on http://{addr}");
     std::io::stdout().flush()?;
-    let cfg = &svc.config;
+    let cfg = svc.config();
     tracing::info!(
         %addr,
         workers,
         runtime = ?mode,
-        root = %svc.root.path().display(),
+        root = %svc.root().path().display(),
         max_connections = cfg.max_connections,
         backlog = cfg.backlog,
         header_timeout = ?cfg.header_timeout,

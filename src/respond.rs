@@ -1,18 +1,16 @@
 //! Deciding what to send: from a parsed request to a [`Response`] (status, head, body and, for
 //! downloads that move a session, the ownership and epoch its progress is recorded under).
 
-use crate::digest::DigestState;
-use crate::error::RequestError;
-use crate::files::{OpenError, OpenFile, Source};
+use crate::files::{DigestState, OpenError, OpenFile, Source};
+use crate::http::error::RequestError;
+use crate::http::precondition::{self, Validators, Verdict};
+use crate::http::range::{self, ByteRange, ContentRange, RangePlan};
+use crate::http::request::{Method, Request};
+use crate::http::response::{Head, Status};
+use crate::http::target::{self, RelPath, Route, TargetError};
 use crate::id::IdError;
-use crate::precondition::{self, Validators, Verdict};
-use crate::range::{self, ByteRange, ContentRange, RangePlan};
-use crate::request::{Method, Request};
-use crate::response::{Head, Status};
 use crate::service::Service;
-use crate::store::{Epoch, SessionKey};
-use crate::takeover::{ConnectionHandle, Ownership};
-use crate::target::{self, RelPath, Route, TargetError};
+use crate::session::{Claim, ConnectionHandle, Position, Resume, SessionError, SessionKey};
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Response field carrying the session's offset: where a server-resumed download of this file
@@ -26,8 +24,8 @@ pub const DIGEST_PENDING_FIELD: &str = "Roam-Digest";
 pub struct Response {
     pub head: Head,
     pub body: Body,
-    /// Present when the body advances a session record.
-    pub tracking: Option<Tracking>,
+    /// Present when the body advances a session: the claim its progress is recorded on.
+    pub claim: Option<Claim>,
 }
 
 /// What follows the head. HEAD requests always get `Empty` with GET's `Content-Length`.
@@ -47,15 +45,14 @@ pub enum Body {
     },
 }
 
-/// The session a body advances.
-#[derive(Debug)]
-pub struct Tracking {
-    pub key: SessionKey,
-    pub epoch: Epoch,
-    /// File offset of the body's first byte.
-    pub file_start: u64,
-    /// Held until the body's confirmed progress is recorded.
-    pub ownership: Ownership,
+impl From<SessionError> for RequestError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Full(_) => RequestError::SessionsFull,
+            SessionError::Preempted(_) => RequestError::TakenOver,
+            SessionError::Store(e) => RequestError::StoreUnavailable(e.to_string()),
+        }
+    }
 }
 
 /// Decides the response to `req` arriving on connection `conn`.
@@ -67,17 +64,15 @@ pub async fn respond(
     if req.method == Method::Other {
         return Err(RequestError::MethodNotAllowed);
     }
-    let route = target::route(&req.target, svc.config.allow_dotfiles).map_err(|e| match e {
+    let route = target::route(&req.target, svc.config().allow_dotfiles).map_err(|e| match e {
         TargetError::BadForm => RequestError::BadTarget,
         TargetError::NoSuchRoute => RequestError::NotFound("no such route: use / or /{id}/{path}"),
         TargetError::Refused => RequestError::NotFound("no such file"),
     })?;
     match route {
         Route::Mint => {
-            if let Some(limiter) = &svc.mint_limiter {
-                if req.method == Method::Get && !limiter.allow(conn.peer) {
-                    return Err(RequestError::MintRateLimited);
-                }
+            if req.method == Method::Get && !svc.allow_mint(conn.peer) {
+                return Err(RequestError::MintRateLimited);
             }
             Ok(mint(svc, req.method == Method::Head))
         }
@@ -86,7 +81,7 @@ pub async fn respond(
 }
 
 fn mint(svc: &Service, head_only: bool) -> Response {
-    let id = Bytes::from(svc.ids.mint().to_string());
+    let id = Bytes::from(svc.ids().mint().to_string());
     let mut head = Head::new(Status::Ok);
     head.field("Content-Type", "text/plain; charset=utf-8")
         .field("Content-Length", id.len())
@@ -99,7 +94,7 @@ fn mint(svc: &Service, head_only: bool) -> Response {
         } else {
             Body::Bytes(id)
         },
-        tracking: None,
+        claim: None,
     }
 }
 
@@ -110,16 +105,15 @@ async fn serve_file(
     id: &str,
     rel: &RelPath,
 ) -> Result<Response, RequestError> {
-    let client = svc.ids.verify(id).map_err(|e| match e {
+    let client = svc.ids().verify(id).map_err(|e| match e {
         IdError::Malformed => RequestError::NotFound("malformed client id"),
         IdError::Unknown => RequestError::NotFound("unknown client id"),
     })?;
-    let (mut file, file_id) = svc.files.open(&svc.root, rel).map_err(|e| match e {
+    let (file, file_key) = svc.open(rel).map_err(|e| match e {
         OpenError::NotFound => RequestError::NotFound("no such file"),
         OpenError::Io(e) => RequestError::Internal(e),
     })?;
-    file.digest = svc.digests.get_or_start(file_id, &file);
-    let key = SessionKey::new(client, file_id);
+    let key = SessionKey::new(client, file_key);
     let head_only = req.method == Method::Head;
     let validators = Validators {
         etag: &file.etag,
@@ -141,13 +135,13 @@ async fn serve_file(
         req.range.as_deref()
     };
     let Some(range_value) = range else {
-        if !svc.config.implicit_resume {
+        if !svc.config().implicit_resume {
             // Plain HTTP semantics: the whole file, and that is the client's position now.
             let whole = ByteRange {
                 start: 0,
                 end: file.len,
             };
-            return declared(svc, conn, key, file, whole, head_only, Status::Ok);
+            return declared(svc, conn, key, file, whole, head_only, Status::Ok).await;
         }
         return resumed(svc, conn, key, file, head_only).await;
     };
@@ -162,9 +156,10 @@ async fn serve_file(
     });
     let stale_session = !if_range_is_etag
         && svc
-            .store
-            .get(&key)
-            .is_some_and(|p| p.version != file.session_version());
+            .sessions()
+            .version(key)
+            .await?
+            .is_some_and(|v| v != file.session_version());
     if !honor_range || stale_session {
         // If-Range names another version: the client's partial copy is stale, so it gets the
         // whole current file, and that is now its position (RFC 9110 §13.1.5).
@@ -172,7 +167,7 @@ async fn serve_file(
             start: 0,
             end: file.len,
         };
-        return declared(svc, conn, key, file, whole, head_only, Status::Ok);
+        return declared(svc, conn, key, file, whole, head_only, Status::Ok).await;
     }
     let plan = match range::parse(range_value) {
         Ok(specs) => range::plan(&specs, file.len),
@@ -184,15 +179,18 @@ async fn serve_file(
         RangePlan::Single {
             range,
             declares_position: true,
-        } => declared(
-            svc,
-            conn,
-            key,
-            file,
-            range,
-            head_only,
-            Status::PartialContent,
-        ),
+        } => {
+            declared(
+                svc,
+                conn,
+                key,
+                file,
+                range,
+                head_only,
+                Status::PartialContent,
+            )
+            .await
+        }
         RangePlan::Single {
             range,
             declares_position: false,
@@ -203,7 +201,8 @@ async fn serve_file(
     }
 }
 
-/// A request without `Range`: the server decides where to start, from the session.
+/// A request without `Range`: the server decides where to start, from the session. HEAD
+/// reports where a GET would start without taking the session from anyone.
 async fn resumed(
     svc: &Service,
     conn: &ConnectionHandle,
@@ -211,24 +210,20 @@ async fn resumed(
     file: OpenFile,
     head_only: bool,
 ) -> Result<Response, RequestError> {
-    // HEAD reports where a GET would start without taking the session from anyone.
-    let ownership = if head_only {
-        None
+    let version = file.session_version();
+    let (offset, claim) = if head_only {
+        match svc.sessions().position(key, version, file.len).await? {
+            Position::Finished { length } => return Ok(finished(&file, length)),
+            Position::At(offset) => (offset, None),
+        }
     } else {
-        Some(svc.owners.take_over(key, conn).await)
+        match svc.sessions().resume(key, version, file.len, conn).await? {
+            // Everything was confirmed: answer as curl and wget understand "already complete",
+            // cheaply and never with the file again.
+            Resume::Finished { length } => return Ok(finished(&file, length)),
+            Resume::From(claim) => (claim.start(), Some(claim)),
+        }
     };
-    let record = svc
-        .store
-        .get(&key)
-        .filter(|p| p.version == file.session_version());
-    let offset = record.map_or(0, |p| p.offset.min(file.len));
-    if record.is_some() && offset == file.len {
-        // Everything was confirmed: answer as curl and wget understand "already complete",
-        // cheaply and never with the file again.
-        let mut resp = bodiless(Status::RangeNotSatisfiable, &file);
-        resp.head.field(OFFSET_FIELD, offset);
-        return Ok(resp);
-    }
     let status = if offset == 0 {
         Status::Ok
     } else {
@@ -238,29 +233,21 @@ async fn resumed(
         start: offset,
         end: file.len,
     };
-    let tracking = match ownership {
-        Some(ownership) => {
-            let epoch = svc
-                .store
-                .begin(key, file.session_version(), offset)
-                .map_err(|_| RequestError::SessionsFull)?;
-            Some(Tracking {
-                key,
-                epoch,
-                file_start: offset,
-                ownership,
-            })
-        }
-        None => None,
-    };
-    let mut resp = slice(&file, range, status, head_only, tracking);
+    let mut resp = slice(&file, range, status, head_only, claim);
     resp.head.field(OFFSET_FIELD, offset);
     Ok(resp)
 }
 
+/// `416` for a finished session, with where it stands.
+fn finished(file: &OpenFile, length: u64) -> Response {
+    let mut resp = bodiless(Status::RangeNotSatisfiable, file);
+    resp.head.field(OFFSET_FIELD, length);
+    resp
+}
+
 /// A request that states the client's position (`Range: bytes=N-`, or a stale `If-Range`
 /// meaning "from 0"): the session follows it under a new epoch.
-fn declared(
+async fn declared(
     svc: &Service,
     conn: &ConnectionHandle,
     key: SessionKey,
@@ -272,18 +259,11 @@ fn declared(
     if head_only {
         return Ok(slice(&file, range, status, true, None));
     }
-    let ownership = svc.owners.declare(key, conn);
-    let epoch = svc
-        .store
-        .begin(key, file.session_version(), range.start)
-        .map_err(|_| RequestError::SessionsFull)?;
-    let tracking = Tracking {
-        key,
-        epoch,
-        file_start: range.start,
-        ownership,
-    };
-    Ok(slice(&file, range, status, false, Some(tracking)))
+    let claim = svc
+        .sessions()
+        .declare(key, file.session_version(), range.start, conn)
+        .await?;
+    Ok(slice(&file, range, status, false, Some(claim)))
 }
 
 /// The fields every session response carries.
@@ -308,7 +288,7 @@ fn slice(
     range: ByteRange,
     status: Status,
     head_only: bool,
-    tracking: Option<Tracking>,
+    claim: Option<Claim>,
 ) -> Response {
     let mut head = Head::new(status);
     head.field("Content-Type", file.content_type)
@@ -328,11 +308,7 @@ fn slice(
             range,
         }
     };
-    Response {
-        head,
-        body,
-        tracking,
-    }
+    Response { head, body, claim }
 }
 
 fn whole_untracked(file: &OpenFile, head_only: bool) -> Response {
@@ -364,7 +340,7 @@ fn bodiless(status: Status, file: &OpenFile) -> Response {
     Response {
         head,
         body: Body::Empty,
-        tracking: None,
+        claim: None,
     }
 }
 
@@ -405,7 +381,7 @@ fn multipart(file: &OpenFile, ranges: &[ByteRange], head_only: bool) -> Response
     Response {
         head,
         body,
-        tracking: None,
+        claim: None,
     }
 }
 
@@ -430,6 +406,9 @@ pub fn error_response(err: &RequestError, head_only: bool) -> Response {
         RequestError::SessionsFull => {
             head.field("Retry-After", 60);
         }
+        RequestError::StoreUnavailable(_) => {
+            head.field("Retry-After", 1);
+        }
         RequestError::MintRateLimited => {
             head.field("Retry-After", 1);
         }
@@ -442,6 +421,6 @@ pub fn error_response(err: &RequestError, head_only: bool) -> Response {
         } else {
             Body::Bytes(body)
         },
-        tracking: None,
+        claim: None,
     }
 }

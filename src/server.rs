@@ -1,6 +1,6 @@
 //! The accept loop: a connection cap taken before accepting, backoff on accept errors, one task
-//! per connection, the session sweeper, and graceful shutdown with a hard deadline. The
-//! listener and the shutdown signal are injected, so tests bind port 0 and stop the server
+//! per connection, the session sweeper and writer, and graceful shutdown with a hard deadline.
+//! The listener and the shutdown signal are injected, so tests bind port 0 and stop the server
 //! with a channel.
 
 use crate::conn;
@@ -22,12 +22,13 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// lets every connection record its progress and close, and returns after at most
 /// `config.shutdown_timeout`.
 pub async fn run(listener: TcpListener, svc: Arc<Service>, shutdown: impl Future<Output = ()>) {
-    let max_connections = svc.config.max_connections;
+    let max_connections = svc.config().max_connections;
     run_listener(listener, svc, shutdown, max_connections, true).await;
 }
 
 /// Serves one of several listeners sharing a service (one runtime per core, `SO_REUSEPORT`):
-/// with its own share of the connection cap, and the session sweeper on one of them only.
+/// with its own share of the connection cap, and the session sweeper and writer on one of them
+/// only (`sweep`).
 pub async fn run_listener(
     listener: TcpListener,
     svc: Arc<Service>,
@@ -38,6 +39,14 @@ pub async fn run_listener(
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(max_connections));
+    // The writer outlives the connections: it stops after they have recorded their last
+    // progress, and flushes that too.
+    let writer_stop = CancellationToken::new();
+    let writer = sweep.then(|| {
+        let sessions = svc.sessions().clone();
+        let stop = writer_stop.clone();
+        tokio::spawn(async move { sessions.run_writer(stop).await })
+    });
     if sweep {
         tracker.spawn(sweep_sessions(Arc::clone(&svc), cancel.clone()));
     }
@@ -94,9 +103,10 @@ pub async fn run_listener(
         "shutting down: no longer accepting"
     );
     cancel.cancel();
-    svc.digests.stop();
+    svc.digests().stop();
     tracker.close();
-    if tokio::time::timeout(svc.config.shutdown_timeout, tracker.wait())
+    let deadline = tokio::time::Instant::now() + svc.config().shutdown_timeout;
+    if tokio::time::timeout_at(deadline, tracker.wait())
         .await
         .is_err()
     {
@@ -104,6 +114,17 @@ pub async fn run_listener(
             connections = tracker.len(),
             "shutdown deadline reached; abandoning remaining connections"
         );
+    }
+    writer_stop.cancel();
+    if let Some(writer) = writer {
+        // The last flush gets what is left of the deadline, and at least a second.
+        let at_least = tokio::time::Instant::now() + Duration::from_secs(1);
+        if tokio::time::timeout_at(deadline.max(at_least), writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown deadline reached before the last sessions were written");
+        }
     }
 }
 
@@ -122,16 +143,16 @@ fn is_per_connection(e: &io::Error) -> bool {
 /// TTL, never more than once a second.
 async fn sweep_sessions(svc: Arc<Service>, cancel: CancellationToken) {
     let period =
-        (svc.config.session_ttl / 16).clamp(Duration::from_secs(1), Duration::from_secs(300));
+        (svc.config().session_ttl / 16).clamp(Duration::from_secs(1), Duration::from_secs(300));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let expired = svc.store.expire();
-                svc.files.sweep();
+                let expired = svc.sessions().expire().await;
+                svc.files().sweep();
                 if expired > 0 {
-                    tracing::debug!(expired, remaining = svc.store.len(), "expired idle sessions");
+                    tracing::debug!(expired, remaining = svc.sessions().len(), "expired idle sessions");
                 }
             }
             () = cancel.cancelled() => return,

@@ -1,48 +1,47 @@
-//! The state every connection shares: configuration, the served root, the ID authority, the
-//! progress store and the registry of session owners. One `Arc<Service>` per server.
+//! The state every connection shares: configuration, the served folder and its file table,
+//! digests, the ID authority, the optional mint limiter and the sessions. One `Arc<Service>`
+//! per server; the request path reaches each part through a method.
 
-use crate::config::Config;
-use crate::digest::Digests;
-use crate::files::Root;
-use crate::filetable::FileTable;
+use crate::files::{Digests, FileTable, OpenError, OpenFile, Root};
+use crate::http::target::RelPath;
+use crate::id::limit::MintLimiter;
 use crate::id::IdAuthority;
-use crate::limit::MintLimiter;
-use crate::store::{MemoryStore, ProgressStore};
-use crate::takeover::Owners;
+use crate::session::clock::SessionClock;
+use crate::session::{FileKey, SessionKey, Sessions, Store};
+use crate::settings::Config;
 use std::io;
+use std::net::IpAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Shared server state. Cheap to reach from any task through an `Arc`.
+/// Shared server state.
 #[derive(Debug)]
 pub struct Service {
-    pub config: Config,
-    pub root: Root,
-    pub ids: IdAuthority,
-    pub store: Arc<dyn ProgressStore>,
-    pub files: FileTable,
-    pub owners: Arc<Owners>,
-    pub digests: Arc<Digests>,
+    config: Config,
+    root: Root,
+    ids: IdAuthority,
+    files: FileTable,
+    digests: Arc<Digests>,
+    sessions: Sessions,
     /// Present when `--mint-rate` is set.
-    pub mint_limiter: Option<MintLimiter>,
+    mint_limiter: Option<MintLimiter>,
     connection_ids: AtomicU64,
 }
 
-impl std::fmt::Debug for dyn ProgressStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ProgressStore {{ len: {} }}", self.len())
-    }
-}
-
 impl Service {
-    /// A service with the in-memory store sized from `config`.
+    /// A service keeping sessions in memory, sized from `config`.
     pub fn new(config: Config) -> io::Result<Arc<Service>> {
-        let store = Arc::new(MemoryStore::new(config.max_sessions, config.session_ttl));
-        Self::with_store(config, store)
+        let store = Store::memory(
+            config.max_sessions,
+            config.session_ttl,
+            Arc::new(SessionClock::default()),
+        );
+        Self::with_sessions(config, Sessions::new(store))
     }
 
-    /// A service over any progress backend.
-    pub fn with_store(config: Config, store: Arc<dyn ProgressStore>) -> io::Result<Arc<Service>> {
+    /// A service over any session store stack.
+    pub fn with_sessions(config: Config, sessions: Sessions) -> io::Result<Arc<Service>> {
         let root = Root::open(&config.root).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -67,13 +66,59 @@ impl Service {
             config,
             root,
             ids,
-            store,
             files,
-            owners: Arc::new(Owners::default()),
             digests: Arc::new(Digests::default()),
+            sessions,
             mint_limiter,
             connection_ids: AtomicU64::new(0),
         }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The served folder.
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    pub fn ids(&self) -> &IdAuthority {
+        &self.ids
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// The file table (tests and the sweeper look inside).
+    pub fn files(&self) -> &FileTable {
+        &self.files
+    }
+
+    pub fn digests(&self) -> &Arc<Digests> {
+        &self.digests
+    }
+
+    /// Whether `peer` may mint an ID now (always, without `--mint-rate`).
+    pub fn allow_mint(&self, peer: IpAddr) -> bool {
+        self.mint_limiter
+            .as_ref()
+            .is_none_or(|limiter| limiter.allow(peer))
+    }
+
+    /// Opens `rel` through the file table, with what is known of its digest (starting the
+    /// computation if nothing is), and its session key.
+    pub fn open(&self, rel: &RelPath) -> Result<(OpenFile, FileKey), OpenError> {
+        let (mut file, key) = self.files.open(&self.root, rel)?;
+        file.digest = self.digests.get_or_start(key, &file);
+        Ok((file, key))
+    }
+
+    /// The session key of (`id`, `rel`), if `id` is one of this server's IDs.
+    pub fn session_key(&self, id: &str, rel: &Path) -> Option<SessionKey> {
+        let client = self.ids.verify(id).ok()?;
+        Some(SessionKey::new(client, FileKey::of_path(rel)))
     }
 
     /// A fresh connection number.

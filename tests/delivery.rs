@@ -8,7 +8,7 @@
 mod support;
 
 use roam::service::Service;
-use roam::store::SessionKey;
+use roam::session::SessionKey;
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
@@ -32,13 +32,13 @@ const MIB: usize = 1024 * 1024;
 
 /// The store key the server uses for (`id`, `rel`).
 fn session_key(svc: &Service, id: &str, rel: &str) -> SessionKey {
-    let client = svc.ids.verify(id).expect("minted id verifies");
-    SessionKey::new(client, svc.files.intern(Path::new(rel)))
+    svc.session_key(id, Path::new(rel))
+        .expect("minted id verifies")
 }
 
 /// Recorded offset of a session, if any.
 fn recorded(svc: &Service, key: &SessionKey) -> Option<u64> {
-    svc.store.get(key).map(|p| p.offset)
+    svc.sessions().store().table().get(key).map(|p| p.offset)
 }
 
 /// Waits until the server's recorded offset for `key` exists and has not moved for 300 ms: the
@@ -167,7 +167,7 @@ struct Takeover {
 
 /// A reads 1 MiB of a 32 MiB file and stops reading; once the server's writes have stalled, B
 /// asks again (same ID, no Range) and reads to the end; then A is drained to its end.
-fn takeover_scenario(tweak: impl FnOnce(&mut roam::config::Config)) -> Takeover {
+fn takeover_scenario(tweak: impl FnOnce(&mut roam::settings::Config)) -> Takeover {
     let root = Root::new();
     let data = pattern(32 * MIB, 1);
     root.file("big.bin", &data);
@@ -245,7 +245,7 @@ fn stale_connection_is_taken_over_without_gap_or_repeat() {
 /// above really tells the two accountings apart.
 #[test]
 fn written_accounting_is_caught_by_the_takeover_check() {
-    let t = takeover_scenario(|cfg| cfg.accounting = roam::config::Accounting::Written);
+    let t = takeover_scenario(|cfg| cfg.accounting = roam::settings::Accounting::Written);
     println!(
         "written accounting: B starts {} bytes past what A received",
         t.start as i64 - t.a_body.len() as i64
@@ -488,6 +488,15 @@ fn client_plan(client: usize) -> Vec<Step> {
                 rng.gen_range(0..80)
             } else {
                 rng.gen_range(0..100)
+            };
+            // The very first is always cut: a reset, a blackhole or a move end it whatever the
+            // timing, while a stall ends it only if the client's detector fires before the
+            // stall does, which a client task scheduled late on a loaded machine can miss
+            // (a fresh-clone CI run then saw a client that was never cut).
+            let kind = if i == 0 && (45..=59).contains(&kind) {
+                kind - 45
+            } else {
+                kind
             };
             let at = rng.gen_range(0..if i < FORCED { EARLY_CUT } else { LATE_CUT });
             // Forced stalls always outlast the client's stall detector; later ones may not.
@@ -1172,7 +1181,11 @@ fn half_closed_then_reset_peer_is_released_promptly() {
         last_ack, 1,
         "precondition: the server is lingering after its response"
     );
-    assert_eq!(svc.owners.len(), 1, "precondition: the body is unconfirmed");
+    assert_eq!(
+        svc.sessions().senders(),
+        1,
+        "precondition: the body is unconfirmed"
+    );
     let key = session_key(svc, &id, "f.bin");
     let confirmed = recorded(svc, &key).unwrap();
     assert!(
@@ -1185,13 +1198,13 @@ fn half_closed_then_reset_peer_is_released_promptly() {
         .unwrap();
     drop(a); // RST
     let reset = Instant::now();
-    while !svc.owners.is_empty() && reset.elapsed() < Duration::from_secs(2) {
+    while svc.sessions().senders() != 0 && reset.elapsed() < Duration::from_secs(2) {
         std::thread::sleep(Duration::from_millis(10));
     }
     let held = reset.elapsed();
     println!("half-closed then reset: confirmed {confirmed} of {} bytes; connection held {held:?} after the reset", data.len());
     assert_eq!(
-        svc.owners.len(),
+        svc.sessions().senders(),
         0,
         "the server still holds a connection whose peer reset {held:?} ago (it polls the dead \
          socket until --write-stall-timeout, 20 s here)"

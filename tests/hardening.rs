@@ -12,7 +12,7 @@ mod support;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
-use roam::target::{Route, TargetError};
+use roam::http::target::{Route, TargetError};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -596,7 +596,7 @@ fn opens_inside(
     target: &str,
     allow_dotfiles: bool,
 ) -> Result<Option<bool>, TestCaseError> {
-    let Ok(Route::File { path, .. }) = roam::target::route(target, allow_dotfiles) else {
+    let Ok(Route::File { path, .. }) = roam::http::target::route(target, allow_dotfiles) else {
         return Ok(None);
     };
     let Ok(file) = root.open_file(&path) else {
@@ -716,7 +716,8 @@ fn route_refuses_a_multibyte_char_where_the_scheme_ends_without_panicking() {
         "http:\u{e9}",
         "htt\u{e9}://x/a",
     ] {
-        let routed = std::panic::catch_unwind(|| roam::target::route(target, false).map(|_| ()));
+        let routed =
+            std::panic::catch_unwind(|| roam::http::target::route(target, false).map(|_| ()));
         assert_eq!(
             routed.ok(),
             Some(Err(TargetError::BadForm)),
@@ -1261,14 +1262,14 @@ fn forged_ids_allocate_nothing() {
         }
     }
     let svc = &srv.service;
-    assert_eq!(svc.store.len(), 0, "a forged ID created a session");
-    assert!(svc.owners.is_empty(), "a forged ID took ownership");
-    assert!(svc.files.is_empty(), "a forged ID opened a file");
+    assert_eq!(svc.sessions().len(), 0, "a forged ID created a session");
+    assert!(svc.sessions().senders() == 0, "a forged ID took ownership");
+    assert!(svc.files().is_empty(), "a forged ID opened a file");
     // A real ID does allocate, so the counters above can see it.
     let id = srv.mint();
     assert_eq!(request(srv.addr, &get(&format!("/{id}/f.bin"))).status, 200);
-    assert_eq!(svc.store.len(), 1);
-    assert_eq!(svc.files.len(), 1);
+    assert_eq!(svc.sessions().len(), 1);
+    assert_eq!(svc.files().len(), 1);
 }
 
 /// `--mint-rate 5/s,5`: five mints from one address, then 429 with `Retry-After`; another

@@ -70,7 +70,7 @@ impl Setup {
         Self::with_config(seed, |c| c.idle_timeout = Duration::from_secs(2))
     }
 
-    fn with_config(seed: u64, tweak: impl FnOnce(&mut roam::config::Config)) -> Setup {
+    fn with_config(seed: u64, tweak: impl FnOnce(&mut roam::settings::Config)) -> Setup {
         let root = Root::new();
         let data = pattern(LEN as usize, seed);
         root.file("big.bin", &data);
@@ -528,6 +528,6 @@ fn aria2c_without_implicit_resume_restarts_early_kills_and_finished_sessions_cle
     );
 }
 
-fn plain_get(cfg: &mut roam::config::Config) {
+fn plain_get(cfg: &mut roam::settings::Config) {
     cfg.implicit_resume = false;
 }

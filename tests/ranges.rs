@@ -50,7 +50,7 @@ impl Fixture {
         len: usize,
         seed: u64,
         mtime: SystemTime,
-        tweak: impl FnOnce(&mut roam::config::Config),
+        tweak: impl FnOnce(&mut roam::settings::Config),
     ) -> Fixture {
         let root = Root::new();
         let data = pattern(len, seed);

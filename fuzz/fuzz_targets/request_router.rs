@@ -7,10 +7,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use roam::id::IdAuthority;
-use roam::precondition::{self, Validators};
-use roam::range::{self, RangePlan, MAX_PARTS};
-use roam::request::{self, Limits, Request};
-use roam::target::{self, Route};
+use roam::http::precondition::{self, Validators};
+use roam::http::range::{self, RangePlan, MAX_PARTS};
+use roam::http::request::{self, Limits, Request};
+use roam::http::target::{self, Route};
 use std::path::Component;
 use std::sync::OnceLock;
 use std::time::{Duration, UNIX_EPOCH};
@@ -18,9 +18,9 @@ use std::time::{Duration, UNIX_EPOCH};
 /// The server's defaults, and small limits so the 414/431 edges are reached by short inputs.
 const LIMITS: [Limits; 2] = [
     Limits {
-        max_request_line: roam::config::DEFAULT_MAX_REQUEST_LINE,
-        max_head: roam::config::DEFAULT_MAX_HEAD,
-        max_headers: roam::config::DEFAULT_MAX_HEADERS,
+        max_request_line: roam::settings::config::DEFAULT_MAX_REQUEST_LINE,
+        max_head: roam::settings::config::DEFAULT_MAX_HEAD,
+        max_headers: roam::settings::config::DEFAULT_MAX_HEADERS,
     },
     Limits {
         max_request_line: 64,

@@ -3,8 +3,8 @@
 //! exact bytes and parse exact responses.
 #![allow(dead_code)]
 
-use roam::config::Config;
 use roam::service::Service;
+use roam::settings::Config;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

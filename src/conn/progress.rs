@@ -1,6 +1,7 @@
 //! Delivery accounting: turns the kernel's acknowledgement counter for a connection into the
-//! number of body bytes each response has had confirmed. Pure arithmetic over plain values; the
-//! counter itself is read by `sys`.
+//! number of body bytes each response has had confirmed, and records that on each body's
+//! session claim. The arithmetic ([`Ledger`], [`BodySpan`]) is pure; [`Deliveries`] applies it
+//! to the bodies a connection has in flight. The counter itself is read by `sys`.
 //!
 //! A connection carries several responses (keep-alive, pipelining), each a head and a body. We
 //! count every byte we write on the connection, remember where each body starts in that stream,
@@ -8,6 +9,7 @@
 //! send queue, packets in flight and the peer's receive window sit between, and a client that
 //! vanished mid-download would otherwise be resumed past a gap.
 
+use crate::session::{Claim, Ended};
 use crate::sys::AckCounter;
 
 /// Where one response body sits in the connection's outgoing byte stream.
@@ -73,6 +75,116 @@ impl Ledger {
             AckCounter::BytesAcked(acked) => acked.saturating_sub(self.baseline).min(self.written),
             AckCounter::Outstanding(queued) => self.written.saturating_sub(queued),
             AckCounter::Unknown => self.written,
+        }
+    }
+}
+
+/// The handle a body being written owns: which tracked body the bytes it writes belong to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyId(u64);
+
+/// A body whose delivery is not yet fully confirmed, and the claim its progress goes to.
+#[derive(Debug)]
+struct Tracked {
+    id: BodyId,
+    claim: Claim,
+    span: BodySpan,
+    /// The response's full body length: the body is done when this much is confirmed.
+    len: u64,
+}
+
+/// Everything a connection wrote, and its tracked bodies until each is confirmed.
+#[derive(Debug)]
+pub struct Deliveries {
+    ledger: Ledger,
+    bodies: Vec<Tracked>,
+    next_id: u64,
+}
+
+impl Deliveries {
+    pub fn new(at_accept: AckCounter) -> Self {
+        Deliveries {
+            ledger: Ledger::new(at_accept),
+            bodies: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Bytes written on the connection so far.
+    pub fn written(&self) -> u64 {
+        self.ledger.written()
+    }
+
+    /// Registers a body of `len` bytes whose first byte will be at `stream_start` in the
+    /// connection's stream; returns the handle its writes carry.
+    pub fn track(&mut self, claim: Claim, len: u64, stream_start: u64) -> BodyId {
+        let id = BodyId(self.next_id);
+        self.next_id += 1;
+        self.bodies.push(Tracked {
+            id,
+            claim,
+            span: BodySpan {
+                stream_start,
+                written: 0,
+            },
+            len,
+        });
+        id
+    }
+
+    /// Records `n` more bytes handed to the kernel, of which those past its start belong to
+    /// `body` (a head and a body may share one write).
+    pub fn wrote(&mut self, n: u64, body: Option<BodyId>) {
+        self.ledger.wrote(n);
+        if let Some(id) = body {
+            let written = self.ledger.written();
+            if let Some(t) = self.bodies.iter_mut().find(|t| t.id == id) {
+                t.span.written = written.saturating_sub(t.span.stream_start).min(t.len);
+            }
+        }
+    }
+
+    /// True when some body is not yet fully confirmed.
+    pub fn pending(&self) -> bool {
+        !self.bodies.is_empty()
+    }
+
+    /// How many bodies are not yet fully confirmed.
+    pub fn pending_count(&self) -> usize {
+        self.bodies.len()
+    }
+
+    /// True when a pending body belongs to client `nonce`.
+    pub fn pending_for(&self, nonce: u64) -> bool {
+        self.bodies.iter().any(|t| t.claim.key().client == nonce)
+    }
+
+    /// Bytes of the stream the peer has acknowledged according to `counter`.
+    pub fn delivered(&self, counter: AckCounter) -> u64 {
+        self.ledger.delivered(counter)
+    }
+
+    /// Records every pending body's confirmed offset given the kernel's `counter`, and
+    /// finishes (cleanly) the bodies that are wholly confirmed.
+    pub fn settle(&mut self, counter: AckCounter) {
+        let delivered = self.ledger.delivered(counter);
+        let mut i = 0;
+        while i < self.bodies.len() {
+            let t = &self.bodies[i];
+            let confirmed = t.span.confirmed(delivered);
+            t.claim.record(t.claim.start() + confirmed);
+            if confirmed >= t.len {
+                self.bodies.remove(i).claim.finish(Ended::Clean);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Finishes every body still pending, recording how its sender ended.
+    pub fn finish_all(&mut self, ended: Ended) {
+        for t in self.bodies.drain(..) {
+            t.claim.finish(ended);
         }
     }
 }

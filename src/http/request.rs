@@ -1,7 +1,7 @@
 //! Request heads: bytes in, a validated [`Request`] out, on httparse. Enforces the framing rules
 //! that keep a GET-only server safe from smuggling (RFC 9112 §6.3, §3.2) and the size limits.
 
-use crate::error::RequestError;
+use super::error::RequestError;
 
 /// Size limits on a request head, validated once at start-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,8 +49,8 @@ pub struct Request {
 
 impl Request {
     /// The conditional fields, as the precondition evaluation takes them.
-    pub fn conditions(&self) -> crate::precondition::Conditions<'_> {
-        crate::precondition::Conditions {
+    pub fn conditions(&self) -> super::precondition::Conditions<'_> {
+        super::precondition::Conditions {
             if_match: self.if_match.as_deref(),
             if_none_match: self.if_none_match.as_deref(),
             if_modified_since: self.if_modified_since.as_deref(),

@@ -2,7 +2,7 @@
 //! the exhaustive match from every way a request can fail to a status, whether the connection
 //! survives, and how loudly to log.
 
-use crate::response::Status;
+use super::response::Status;
 use std::io;
 
 /// Everything that can stop a request from being served normally.
@@ -38,6 +38,13 @@ pub enum RequestError {
     /// The progress store is at its session cap.
     #[error("too many download sessions")]
     SessionsFull,
+    /// The session store could not be read or written.
+    #[error("session store unavailable: {0}")]
+    StoreUnavailable(String),
+    /// A newer request took this download over while this one waited: its connection is
+    /// being aborted, and nothing is sent.
+    #[error("taken over by a newer request")]
+    TakenOver,
     /// Our own I/O failed (opening the file, descriptor exhaustion).
     #[error("internal error: {0}")]
     Internal(#[source] io::Error),
@@ -70,6 +77,8 @@ impl RequestError {
             RequestError::NotFound(_) => (NotFound, false, false),
             RequestError::MintRateLimited => (TooManyRequests, false, false),
             RequestError::SessionsFull => (ServiceUnavailable, false, true),
+            RequestError::StoreUnavailable(_) => (ServiceUnavailable, false, true),
+            RequestError::TakenOver => (ServiceUnavailable, true, false),
             RequestError::Internal(_) => (InternalServerError, false, true),
         };
         Disposition {
@@ -82,7 +91,9 @@ impl RequestError {
     /// A short plain-text body for the client: the reason, with nothing about the file system.
     pub fn body(&self) -> String {
         match self {
-            RequestError::Internal(_) => "internal error\n".to_owned(),
+            RequestError::Internal(_) | RequestError::StoreUnavailable(_) => {
+                "internal error\n".to_owned()
+            }
             other => format!("{other}\n"),
         }
     }

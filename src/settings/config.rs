@@ -1,7 +1,7 @@
 //! Validated configuration: every knob with its default as a named constant, checked once at
 //! start-up and then read-only for the server's life.
 
-use crate::request::{Limits, MAX_HEADERS_CEILING};
+use crate::http::request::{Limits, MAX_HEADERS_CEILING};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

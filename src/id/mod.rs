@@ -5,6 +5,8 @@
 //! without remembering them, so minting stores nothing and a forged or never-used ID allocates
 //! nothing: memory grows only with (client, file) sessions, which are capped.
 
+pub mod limit;
+
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;

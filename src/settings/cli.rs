@@ -1,7 +1,7 @@
 //! Command-line interface: clap definitions with an environment variable for every flag, and
 //! their conversion into a validated [`Config`].
 
-use crate::config::{self, Accounting, Config, ConfigError, LogFormat};
+use super::config::{self, Accounting, Config, ConfigError, LogFormat};
 use clap::{Args, Parser, Subcommand};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;

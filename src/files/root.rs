@@ -1,7 +1,7 @@
 //! The served folder: opening a validated relative path so that nothing outside the root can be
 //! reached, and describing the file (length, validators, type).
 
-use crate::target::RelPath;
+use crate::http::target::RelPath;
 use bytes::Bytes;
 use std::fs::File;
 use std::io;
@@ -75,7 +75,7 @@ pub struct OpenFile {
     /// the head in one write.
     pub small: Option<Bytes>,
     /// What is known of this version's `Repr-Digest` (see `digest`).
-    pub digest: crate::digest::DigestState,
+    pub digest: super::digest::DigestState,
 }
 
 /// Files up to this size are read whole when opened and served from that copy (which the file
@@ -153,7 +153,7 @@ impl Root {
             content_type,
             fields,
             small,
-            digest: crate::digest::DigestState::Unavailable,
+            digest: super::digest::DigestState::Unavailable,
         })
     }
 
@@ -260,7 +260,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::{route, Route};
+    use crate::http::target::{route, Route};
 
     fn rel(p: &str) -> RelPath {
         match route(&format!("/id/{p}"), true).unwrap() {

@@ -3,8 +3,8 @@
 //! response says `Roam-Digest: pending` instead, so a multi-gigabyte file costs its first
 //! client nothing and a client can tell "not computed yet" from "this server has none".
 
-use crate::files::OpenFile;
-use crate::store::FileId;
+use super::root::OpenFile;
+use crate::session::FileKey;
 use base64::Engine as _;
 use dashmap::DashMap;
 use sha2::{Digest as _, Sha256};
@@ -39,7 +39,7 @@ enum Known {
 /// entry per file that was ever served while the server ran.
 #[derive(Debug)]
 pub struct Digests {
-    known: DashMap<FileId, Known>,
+    known: DashMap<FileKey, Known>,
     permits: Arc<Semaphore>,
     /// Set at shutdown: hashing stops at the next chunk, so a multi-gigabyte file cannot hold
     /// the process past its shutdown deadline.
@@ -69,7 +69,7 @@ impl Digests {
     /// At most one computation per file at a time, whatever its version: a file that keeps
     /// changing must not queue a hash (and a descriptor) per version. When a computation of an
     /// older version ends, the next request starts one for the current version.
-    pub fn get_or_start(self: &Arc<Self>, id: FileId, file: &OpenFile) -> DigestState {
+    pub fn get_or_start(self: &Arc<Self>, id: FileKey, file: &OpenFile) -> DigestState {
         match self.known.get(&id).as_deref() {
             Some(Known::Ready { version, field }) if *version == file.version => {
                 return DigestState::Ready(Arc::clone(field))
@@ -148,7 +148,7 @@ fn hash_if_unchanged(file: &File, etag: &str, stopped: &AtomicBool) -> io::Resul
     }
     let meta = file.metadata()?;
     let now =
-        crate::files::strong_etag(meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+        super::root::strong_etag(meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
     if now != etag || pos != meta.len() {
         return Ok(None);
     }

@@ -7,10 +7,13 @@
 //! large file rewritten in place is seen at once: its descriptor is checked with `fstat` on
 //! every request and between chunks while sending (a small file served from memory stays a
 //! consistent old version until the next revalidation).
+//!
+//! Each entry also carries the file's session key, derived from its path (see
+//! [`FileKey::of_path`]): the same in every process, so nothing per path needs remembering.
 
-use crate::files::{OpenError, OpenFile, Root};
-use crate::store::{FileId, FileIds};
-use crate::target::RelPath;
+use super::root::{OpenError, OpenFile, Root};
+use crate::http::target::RelPath;
+use crate::session::FileKey;
 use dashmap::DashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +38,7 @@ const IDLE_ENTRY: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 struct Entry {
     file: OpenFile,
-    id: FileId,
+    key: FileKey,
     /// Milliseconds since the table's origin when the path was last resolved.
     checked_ms: u64,
     /// Milliseconds since the table's origin of the last request.
@@ -46,7 +49,6 @@ struct Entry {
 #[derive(Debug)]
 pub struct FileTable {
     entries: DashMap<PathBuf, Arc<Entry>>,
-    ids: FileIds,
     revalidate_ms: u64,
     max_entries: usize,
     origin: Instant,
@@ -58,7 +60,6 @@ impl FileTable {
     pub fn new(revalidate: Duration, max_entries: usize) -> Self {
         FileTable {
             entries: DashMap::new(),
-            ids: FileIds::default(),
             revalidate_ms: u64::try_from(revalidate.as_millis()).unwrap_or(u64::MAX),
             max_entries,
             origin: Instant::now(),
@@ -69,8 +70,8 @@ impl FileTable {
         u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The file at `rel` under `root`, and its interned id.
-    pub fn open(&self, root: &Root, rel: &RelPath) -> Result<(OpenFile, FileId), OpenError> {
+    /// The file at `rel` under `root`, and its session key.
+    pub fn open(&self, root: &Root, rel: &RelPath) -> Result<(OpenFile, FileKey), OpenError> {
         let now = self.now_ms();
         let cached = self.entries.get(rel.as_path()).map(|e| Arc::clone(&e));
         if let Some(entry) = cached {
@@ -79,7 +80,7 @@ impl FileTable {
             // head will describe. Small files are served from the copy in memory.
             if fresh && (entry.file.small.is_some() || !entry.file.source.changed()) {
                 entry.used_ms.store(now, Ordering::Relaxed);
-                return Ok((entry.file.clone(), entry.id));
+                return Ok((entry.file.clone(), entry.key));
             }
         }
         let opened = match root.open_file(rel) {
@@ -94,9 +95,9 @@ impl FileTable {
         };
         match opened {
             Ok(file) => {
-                let id = self.ids.intern(rel.as_path());
-                self.remember(rel.as_path(), &file, id, now);
-                Ok((file, id))
+                let key = FileKey::of_path(rel.as_path());
+                self.remember(rel.as_path(), &file, key, now);
+                Ok((file, key))
             }
             Err(e) => {
                 self.entries.remove(rel.as_path());
@@ -105,7 +106,7 @@ impl FileTable {
         }
     }
 
-    fn remember(&self, path: &Path, file: &OpenFile, id: FileId, now: u64) {
+    fn remember(&self, path: &Path, file: &OpenFile, key: FileKey, now: u64) {
         if self.max_entries == 0 {
             return;
         }
@@ -115,16 +116,11 @@ impl FileTable {
         }
         let entry = Arc::new(Entry {
             file: file.clone(),
-            id,
+            key,
             checked_ms: now,
             used_ms: AtomicU64::new(now),
         });
         self.entries.insert(path.to_path_buf(), entry);
-    }
-
-    /// The id of a relative path (the same one requests for it use).
-    pub fn intern(&self, path: &Path) -> FileId {
-        self.ids.intern(path)
     }
 
     /// Closes entries nobody asked for recently; returns how many.
@@ -151,7 +147,7 @@ impl FileTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::{route, Route};
+    use crate::http::target::{route, Route};
 
     fn rel(p: &str) -> RelPath {
         match route(&format!("/id/{p}"), false).unwrap() {
@@ -168,13 +164,14 @@ mod tests {
         std::fs::write(dir.path().join("small"), b"hello").unwrap();
         let root = Root::open(dir.path()).unwrap();
         let table = FileTable::new(Duration::from_secs(3600), 10);
-        let (a, id_a) = table.open(&root, &rel("big")).unwrap();
-        let (b, id_b) = table.open(&root, &rel("big")).unwrap();
+        let (a, key_a) = table.open(&root, &rel("big")).unwrap();
+        let (b, key_b) = table.open(&root, &rel("big")).unwrap();
         assert!(
             Arc::ptr_eq(&a.source.file, &b.source.file),
             "second request reused the open file"
         );
-        assert_eq!(id_a, id_b);
+        assert_eq!(key_a, key_b);
+        assert_eq!(key_a, FileKey::of_path(Path::new("big")));
         let (s, _) = table.open(&root, &rel("small")).unwrap();
         assert_eq!(s.small.as_deref(), Some(&b"hello"[..]));
         // An in-place rewrite of the large file is noticed at once (fstat of the descriptor).

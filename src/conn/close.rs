@@ -1,0 +1,181 @@
+//! Closing a connection so that every recorded offset is exact: an orderly close waits (bounded)
+//! for the peer's acknowledgements, an abort waits briefly until nothing is in flight and then
+//! resets, and in every case progress is settled one last time before the socket is dropped,
+//! and sessions are released only after that.
+
+use super::end::{Close, Ending};
+use super::{Connection, SETTLE_TICK};
+use crate::sys;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Shortest and longest wait for in-flight acknowledgements before an abort: at least one
+/// delayed-ACK interval (Linux delays ACKs by up to 40 ms), at most half a second; in between,
+/// two smoothed round trips of the connection (a cellular path takes 50 to 200 ms).
+const FINAL_ACK_WAIT_MIN: Duration = Duration::from_millis(50);
+const FINAL_ACK_WAIT_MAX: Duration = Duration::from_millis(500);
+/// After our last response, how long we keep reading (and discarding) so that unread request
+/// bytes do not turn our close into a reset that destroys the response in flight.
+const LINGER_READ: Duration = Duration::from_secs(2);
+
+/// How an orderly close ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Lingered {
+    Done,
+    /// A takeover arrived while we waited: close with a reset instead.
+    TakenOver,
+}
+
+impl Connection {
+    /// Ends the connection: records final progress, closes the socket, and only then releases
+    /// the sessions it owned, so a successor never starts while this socket can still send.
+    pub(super) async fn close(mut self, end: Ending) {
+        let mut end = end;
+        match end.close() {
+            Close::Orderly => {
+                if self.linger().await == Lingered::TakenOver {
+                    // A successor is waiting: bytes still queued must not reach the peer after
+                    // the offset we record.
+                    self.await_final_acks().await;
+                    self.reset_on_close();
+                    end = Ending::TakenOver;
+                }
+            }
+            Close::Abort => {
+                self.await_final_acks().await;
+                self.reset_on_close();
+                tracing::debug!(peer = %self.peer, why = %end.describe(), "connection aborted");
+            }
+            Close::Reset => {
+                self.reset_on_close();
+                tracing::debug!(peer = %self.peer, why = %end.describe(), "peer gone");
+            }
+        }
+        self.settle();
+        let ended = end.session_end();
+        let Connection {
+            stream,
+            mut deliveries,
+            ..
+        } = self;
+        drop(stream);
+        deliveries.finish_all(ended);
+    }
+
+    /// `SO_LINGER` 0: the close sends an RST and discards the send queue, so not one more byte
+    /// reaches the peer after the offset recorded.
+    fn reset_on_close(&self) {
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+    }
+
+    /// Before aborting, waits (briefly) until nothing is in flight: a receiver delays its ACK
+    /// by up to 40 ms, and a segment it already holds but has not acknowledged would be
+    /// recorded as undelivered and sent again by the successor. The kernel may still send
+    /// queued bytes while we wait (we write nothing), so the condition is "no segment in
+    /// flight", not "everything acknowledged": the reset then discards only bytes that never
+    /// left. A dead path never acknowledges; then the deadline passes and only acknowledged
+    /// bytes count, which is right.
+    async fn await_final_acks(&mut self) {
+        if !self.deliveries.pending() {
+            return;
+        }
+        let wait = sys_rtt(self.fd)
+            .map_or(FINAL_ACK_WAIT_MIN, |rtt| rtt * 2)
+            .clamp(FINAL_ACK_WAIT_MIN, FINAL_ACK_WAIT_MAX);
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline && !self.nothing_in_flight() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// True when every segment sent has been acknowledged (or we cannot tell).
+    fn nothing_in_flight(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            sys::unacked_segments(self.fd).map_or(true, |n| n == 0)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            self.all_delivered()
+        }
+    }
+
+    /// True when the peer has acknowledged every byte we wrote (or we cannot tell).
+    fn all_delivered(&self) -> bool {
+        match sys::ack_counter(self.fd) {
+            Ok(counter) => self.deliveries.delivered(counter) >= self.deliveries.written(),
+            Err(_) => true,
+        }
+    }
+
+    /// Orderly close: send our FIN after the last byte, wait (bounded by the write-stall timeout)
+    /// until the peer has acknowledged the tracked bodies so their offsets are exact, and drain
+    /// what the peer sends so that unread request bytes do not make the kernel reset the
+    /// connection (destroying the end of our response) when we close.
+    async fn linger(&mut self) -> Lingered {
+        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
+        let started = Instant::now();
+        let ack_deadline = started + self.svc.config().write_stall_timeout;
+        let read_deadline = started + LINGER_READ;
+        let mut peer_done = false;
+        // Shutdown also fires the connection's token; only a takeover turns the close into a
+        // reset.
+        let mut shutting_down = self.shutdown.is_cancelled();
+        let mut scratch = [0u8; 1024];
+        loop {
+            self.settle();
+            let now = Instant::now();
+            // A reset peer will acknowledge nothing more (behind a proxy, a FIN then an RST is
+            // normal), so stop waiting as soon as the socket reports an error.
+            let awaiting_acks = self.deliveries.pending()
+                && now < ack_deadline
+                && !self.all_delivered()
+                && !matches!(self.stream.take_error(), Ok(Some(_)));
+            if !awaiting_acks && (peer_done || now >= read_deadline) {
+                return Lingered::Done;
+            }
+            let wake = if awaiting_acks {
+                now + SETTLE_TICK
+            } else {
+                read_deadline
+            };
+            tokio::select! {
+                biased;
+                _ = self.handle.abort.cancelled(), if !shutting_down => {
+                    if self.shutdown.is_cancelled() {
+                        shutting_down = true;
+                    } else {
+                        return Lingered::TakenOver;
+                    }
+                }
+                r = self.stream.readable(), if !peer_done => {
+                    if r.is_err() {
+                        return Lingered::Done;
+                    }
+                    match self.stream.try_read(&mut scratch) {
+                        Ok(0) => peer_done = true,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Lingered::Done,
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+}
+
+/// The connection's smoothed round-trip time, where the platform tells it.
+fn sys_rtt(fd: RawFd) -> Option<Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        sys::smoothed_rtt(fd).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        None
+    }
+}

@@ -1,0 +1,110 @@
+//! Why a connection stopped sending, as one typed value: it decides how the connection closes
+//! (in order, with an abort, or at once) and what a session's record says about how its sender
+//! ended.
+
+use crate::session::Ended;
+use std::io;
+
+/// Why a connection (and any body it was sending) ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// Orderly: the answer was sent with `Connection: close`, the client closed an idle
+    /// connection, or an idle or header timeout passed.
+    Done,
+    /// The server is shutting down.
+    Shutdown,
+    /// Another request took one of this connection's sessions over.
+    TakenOver,
+    /// The file being sent shrank, was rewritten in place, or could not be read: sending more
+    /// would splice two versions.
+    FileChanged(&'static str),
+    /// The peer closed its side (a FIN) while a body was still being sent.
+    PeerClosed,
+    /// The peer reset the connection (`ECONNRESET`, `EPIPE`, `ECONNABORTED`).
+    PeerReset(io::Error),
+    /// The socket made no progress for `--write-stall-timeout`.
+    Stalled,
+    /// The kernel gave up on the path (`ETIMEDOUT` from `TCP_USER_TIMEOUT` or keepalive,
+    /// unreachable) or another socket error.
+    NetworkFailed(io::Error),
+}
+
+/// How a connection closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Close {
+    /// FIN after the last byte; wait (bounded) for the acknowledgements so recorded offsets are
+    /// exact, and drain what the peer sends.
+    Orderly,
+    /// Stop sending at once; wait briefly until nothing is in flight, then reset, so that not
+    /// one more byte reaches the peer after the offset recorded.
+    Abort,
+    /// The peer is gone: reset without waiting.
+    Reset,
+}
+
+impl Ending {
+    /// A socket error seen while reading or writing.
+    pub fn from_io(e: io::Error) -> Ending {
+        use io::ErrorKind::*;
+        match e.kind() {
+            ConnectionReset | BrokenPipe | ConnectionAborted => Ending::PeerReset(e),
+            _ => Ending::NetworkFailed(e),
+        }
+    }
+
+    pub fn close(&self) -> Close {
+        match self {
+            Ending::Done | Ending::Shutdown | Ending::PeerClosed => Close::Orderly,
+            Ending::TakenOver | Ending::FileChanged(_) => Close::Abort,
+            Ending::PeerReset(_) | Ending::Stalled | Ending::NetworkFailed(_) => Close::Reset,
+        }
+    }
+
+    /// What the record of a session whose body this connection had not finished says about how
+    /// its sender ended: the network (the client is alive and holds what it acknowledged), or
+    /// the peer (it went away with bytes unread or in flight).
+    pub fn session_end(&self) -> Ended {
+        match self {
+            Ending::PeerClosed | Ending::PeerReset(_) => Ended::Peer,
+            Ending::Done
+            | Ending::Shutdown
+            | Ending::TakenOver
+            | Ending::FileChanged(_)
+            | Ending::Stalled
+            | Ending::NetworkFailed(_) => Ended::Network,
+        }
+    }
+
+    /// A short description for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Ending::Done => "done".into(),
+            Ending::Shutdown => "shutdown".into(),
+            Ending::TakenOver => "taken over".into(),
+            Ending::FileChanged(why) => (*why).into(),
+            Ending::PeerClosed => "peer closed mid-body".into(),
+            Ending::PeerReset(e) => format!("peer reset: {e}"),
+            Ending::Stalled => "write stalled".into(),
+            Ending::NetworkFailed(e) => format!("network failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_are_the_peer_and_timeouts_the_network() {
+        let reset = Ending::from_io(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert_eq!(reset.session_end(), Ended::Peer);
+        assert_eq!(reset.close(), Close::Reset);
+        let pipe = Ending::from_io(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(pipe.session_end(), Ended::Peer);
+        let timeout = Ending::from_io(io::Error::from(io::ErrorKind::TimedOut));
+        assert_eq!(timeout.session_end(), Ended::Network);
+        assert_eq!(Ending::TakenOver.close(), Close::Abort);
+        assert_eq!(Ending::Shutdown.close(), Close::Orderly);
+        assert_eq!(Ending::Stalled.session_end(), Ended::Network);
+    }
+}

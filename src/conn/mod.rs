@@ -1,0 +1,273 @@
+//! One client connection, from accept to close: reading request heads (keep-alive, pipelining,
+//! timeouts) here; writing responses and sending files in `send`; confirming what each body's
+//! peer acknowledged in `progress`; closing in `close`; why it ended in `end`.
+//!
+//! Progress is settled at milestones while sending, whenever the socket blocks, while waiting
+//! for the next request, and once more before the socket is dropped (the kernel's counters
+//! outlive `EPIPE` and `ECONNRESET`, not `close`).
+
+mod close;
+pub mod end;
+pub mod progress;
+mod send;
+
+use self::end::Ending;
+use self::progress::Deliveries;
+use crate::http::error::RequestError;
+use crate::http::request::{self, Method, Request};
+use crate::respond;
+use crate::service::Service;
+use crate::session::ConnectionHandle;
+use crate::settings::Accounting;
+use crate::sys::{self, AckCounter};
+use crate::throttle::LogThrottle;
+use bytes::{Buf, BytesMut};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Read buffer growth step. The buffer is allocated only when a request is arriving and freed
+/// whenever the connection goes idle, so idle keep-alive connections hold no buffer.
+const READ_CHUNK: usize = 2048;
+/// How often an idle connection re-reads the acknowledgement counter while a finished body is
+/// still unconfirmed.
+const SETTLE_TICK: Duration = Duration::from_millis(20);
+/// Most unconfirmed bodies a connection keeps before reading the counter anyway.
+const SETTLE_BATCH: usize = 16;
+
+/// At most one warning a second for server-side request failures.
+static OURS_LOG: LogThrottle = LogThrottle::new();
+
+/// Why reading a request stopped.
+enum ReadEnd {
+    Bad(RequestError),
+    End(Ending),
+}
+
+struct Connection {
+    stream: TcpStream,
+    fd: RawFd,
+    peer: SocketAddr,
+    svc: Arc<Service>,
+    handle: ConnectionHandle,
+    shutdown: CancellationToken,
+    /// Unparsed bytes; empty and unallocated between requests.
+    buf: BytesMut,
+    deliveries: Deliveries,
+    /// Whether `TCP_NOTSENT_LOWAT` is set yet (it is, from the first large body on).
+    lowat_set: bool,
+}
+
+/// Serves one accepted connection to the end. Never panics on peer behaviour; every error ends
+/// only this connection.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    svc: Arc<Service>,
+    shutdown: CancellationToken,
+) {
+    configure_socket(&stream, &svc);
+    let fd = stream.as_raw_fd();
+    let at_accept = sys::ack_counter(fd).unwrap_or(AckCounter::Unknown);
+    let handle = ConnectionHandle::new(svc.next_connection_id(), peer.ip(), &shutdown);
+    let mut conn = Connection {
+        stream,
+        fd,
+        peer,
+        svc,
+        handle,
+        shutdown,
+        buf: BytesMut::new(),
+        deliveries: Deliveries::new(at_accept),
+        lowat_set: false,
+    };
+    let end = conn.run().await;
+    conn.close(end).await;
+}
+
+fn configure_socket(stream: &TcpStream, svc: &Service) {
+    let cfg = svc.config();
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(cfg.tcp_keepalive)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+    #[cfg(target_os = "linux")]
+    {
+        if let Err(e) = sock.set_tcp_user_timeout(Some(cfg.tcp_user_timeout)) {
+            tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+        }
+    }
+}
+
+impl Connection {
+    async fn run(&mut self) -> Ending {
+        let mut first = true;
+        loop {
+            let req = match self.read_request(first).await {
+                Ok(req) => req,
+                Err(ReadEnd::End(end)) => return end,
+                Err(ReadEnd::Bad(err)) => {
+                    self.log_error(&err, None);
+                    let resp = respond::error_response(&err, false);
+                    return match self.send(resp, true, false).await {
+                        Ok(()) => Ending::Done,
+                        Err(end) => end,
+                    };
+                }
+            };
+            first = false;
+            // Confirm what earlier responses delivered before this request can read their
+            // records: only a request from the same client can (its sessions are keyed by its
+            // ID), so responses to other clients sharing the connection (a proxy, a load
+            // generator) are settled in batches instead of costing a TCP_INFO read each.
+            if self.deliveries.pending_count() >= SETTLE_BATCH || self.pending_for(&req.target) {
+                self.settle();
+            }
+            let head_only = req.method == Method::Head;
+            let (resp, close) = match respond::respond(&self.svc, &req, &self.handle).await {
+                Ok(resp) => (resp, !req.keep_alive),
+                Err(RequestError::TakenOver) => return Ending::TakenOver,
+                Err(err) => {
+                    self.log_error(&err, Some(&req));
+                    let close = !req.keep_alive || err.disposition().close;
+                    (respond::error_response(&err, head_only), close)
+                }
+            };
+            let close = close || self.shutdown.is_cancelled();
+            tracing::debug!(peer = %self.peer, target = %req.target, status = resp.head.status().code(), "response");
+            if let Err(end) = self.send(resp, close, req.http10).await {
+                return end;
+            }
+            if close {
+                return Ending::Done;
+            }
+        }
+    }
+
+    fn log_error(&self, err: &RequestError, req: Option<&Request>) {
+        let target = req.map(|r| r.target.as_str()).unwrap_or("");
+        if err.disposition().ours {
+            // Our own failures (descriptor exhaustion, a full store) come in bursts: one line a
+            // second with the count of what was suppressed, not one per request.
+            if let Some(suppressed) = OURS_LOG.admit() {
+                tracing::warn!(peer = %self.peer, target, error = %err, suppressed, "request failed");
+            }
+        } else {
+            tracing::debug!(peer = %self.peer, target, error = %err, "request refused");
+        }
+    }
+
+    /// The ending for a cancelled abort token: a shutdown or a takeover.
+    fn cancelled(&self) -> Ending {
+        if self.shutdown.is_cancelled() {
+            Ending::Shutdown
+        } else {
+            Ending::TakenOver
+        }
+    }
+
+    /// Reads the next request head. The header timeout runs from the first byte of a request;
+    /// the idle timeout from the end of the previous response (the first request of a
+    /// connection gets the header timeout). A shutdown ends an idle wait at once; a head that
+    /// has started arriving is read to its end (within the header timeout) and answered.
+    async fn read_request(&mut self, first: bool) -> Result<Request, ReadEnd> {
+        let cfg = self.svc.config();
+        let (header_timeout, idle_timeout, limits) =
+            (cfg.header_timeout, cfg.idle_timeout, cfg.limits);
+        let idle_deadline = Instant::now() + if first { header_timeout } else { idle_timeout };
+        let mut head_deadline = None;
+        loop {
+            if self.buf.is_empty() {
+                if self.buf.capacity() > 0 {
+                    self.buf = BytesMut::new();
+                }
+            } else {
+                match request::parse(&self.buf, &limits) {
+                    Ok(Some((req, n))) => {
+                        self.buf.advance(n);
+                        return Ok(req);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(ReadEnd::Bad(e)),
+                }
+                head_deadline.get_or_insert_with(|| Instant::now() + header_timeout);
+            }
+            let deadline = head_deadline.unwrap_or(idle_deadline);
+            let waiting_for_acks = self.deliveries.pending();
+            // At shutdown, a head already arriving is finished and answered; only a takeover
+            // interrupts it.
+            let interruptible = head_deadline.is_none() || !self.shutdown.is_cancelled();
+            tokio::select! {
+                biased;
+                _ = self.handle.abort.cancelled(), if interruptible => {
+                    if head_deadline.is_none() || self.handle.taken_over() {
+                        return Err(ReadEnd::End(self.cancelled()));
+                    }
+                }
+                ready = self.stream.readable() => {
+                    if let Err(e) = ready {
+                        return Err(ReadEnd::End(Ending::from_io(e)));
+                    }
+                    if self.buf.capacity() == self.buf.len() {
+                        self.buf.reserve(READ_CHUNK);
+                    }
+                    match self.stream.try_read_buf(&mut self.buf) {
+                        Ok(0) => return Err(ReadEnd::End(Ending::Done)),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(ReadEnd::End(Ending::from_io(e))),
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(if head_deadline.is_some() {
+                        ReadEnd::Bad(RequestError::HeadTimeout)
+                    } else {
+                        ReadEnd::End(Ending::Done)
+                    });
+                }
+                _ = tokio::time::sleep(SETTLE_TICK), if waiting_for_acks => self.settle(),
+            }
+        }
+    }
+
+    /// True when a pending body belongs to the client this target names.
+    fn pending_for(&self, target: &str) -> bool {
+        if !self.deliveries.pending() {
+            return false;
+        }
+        match crate::id::nonce_in_target(target) {
+            Some(nonce) => self.deliveries.pending_for(nonce),
+            // Not a download of a known shape: it reads no session, but settle anyway.
+            None => true,
+        }
+    }
+
+    /// Reads the acknowledgement counter once and records every pending body's confirmed
+    /// offset; bodies wholly confirmed are finished.
+    fn settle(&mut self) {
+        if !self.deliveries.pending() {
+            return;
+        }
+        let counter = match self.svc.config().accounting {
+            Accounting::Written => AckCounter::Unknown,
+            Accounting::Acknowledged => match sys::ack_counter(self.fd) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read TCP_INFO");
+                    return;
+                }
+            },
+        };
+        self.deliveries.settle(counter);
+    }
+}

@@ -1,0 +1,259 @@
+//! Download sessions: for each (client, file), the offset the client's TCP acknowledged, the
+//! file version it refers to, which sender owns it, and how that sender ended. This module owns
+//! the whole resume protocol; the request path and the connection talk only to [`Sessions`]
+//! and the [`Claim`] it hands out.
+//!
+//! The protocol, in order, for a download whose start the server decides (no `Range`):
+//! 1. take the session over from a stale sender (`owners`): abort it, wait for its release;
+//! 2. read the record (`store`, from the table or, on a miss, the backend);
+//! 3. begin a new epoch where the client stands (a finished session begins nothing);
+//! 4. while sending, record acknowledged progress on the claim (memory only, cheap);
+//! 5. finish the claim: write how the sender ended, then release the session, which wakes a
+//!    successor waiting in step 1.
+//!
+//! A download whose start the client declares (`Range: bytes=N-`) skips steps 1 and 2.
+
+pub mod backend;
+pub mod clock;
+pub mod contract;
+pub mod key;
+pub mod memory;
+pub mod owners;
+pub mod store;
+pub mod table;
+pub mod writebehind;
+
+pub use self::backend::{BeginError, StoreError};
+pub use self::key::{Ended, Epoch, FileKey, Record, SessionKey};
+pub use self::owners::{ConnectionHandle, Owners, Preempted, Sender};
+pub use self::store::Store;
+pub use self::table::Full;
+
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Why a session could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The store holds its maximum of sessions: `503`.
+    #[error(transparent)]
+    Full(#[from] Full),
+    /// A newer request took the session while this one waited: send nothing.
+    #[error(transparent)]
+    Preempted(#[from] Preempted),
+    /// The store could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<BeginError> for SessionError {
+    fn from(e: BeginError) -> Self {
+        match e {
+            BeginError::Full(f) => SessionError::Full(f),
+            BeginError::Store(s) => SessionError::Store(s),
+            // Only a shared store reports conflicts, and the façade does not expect an epoch.
+            BeginError::Conflict => {
+                SessionError::Store(StoreError("an unexpected begin conflict".into()))
+            }
+        }
+    }
+}
+
+/// Where a download whose start the server decides begins.
+#[derive(Debug)]
+pub enum Resume {
+    /// Everything was confirmed: nothing to send (`416`), nothing begun.
+    Finished { length: u64 },
+    /// Send from `claim.start()`.
+    From(Claim),
+}
+
+/// Where a server-resumed `GET` would start now (for `HEAD`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Position {
+    Finished { length: u64 },
+    At(u64),
+}
+
+/// The sessions of one server: the store stack and the registry of senders. A cheap-clone
+/// handle.
+#[derive(Clone, Debug)]
+pub struct Sessions {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    owners: Arc<Owners>,
+}
+
+impl Sessions {
+    pub fn new(store: Store) -> Sessions {
+        Sessions {
+            inner: Arc::new(Inner {
+                store,
+                owners: Arc::new(Owners::default()),
+            }),
+        }
+    }
+
+    /// The store stack (the sweeper, the write-behind task and tests reach it).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// A `GET` without `Range`: takes the session over from any other sender, reads where the
+    /// client stands on `version` of a `length`-byte file, and begins there.
+    pub async fn resume(
+        &self,
+        key: SessionKey,
+        version: u32,
+        length: u64,
+        conn: &ConnectionHandle,
+    ) -> Result<Resume, SessionError> {
+        let sender = self.inner.owners.take_over(key, conn).await?;
+        match self.position(key, version, length).await? {
+            Position::Finished { length } => Ok(Resume::Finished { length }),
+            Position::At(offset) => {
+                let epoch = self.inner.store.begin(key, version, offset).await?;
+                Ok(Resume::From(Claim::new(self, key, epoch, offset, sender)))
+            }
+        }
+    }
+
+    /// Where a `GET` without `Range` would start, touching nothing (`HEAD`). A record of
+    /// another version counts as none.
+    pub async fn position(
+        &self,
+        key: SessionKey,
+        version: u32,
+        length: u64,
+    ) -> Result<Position, SessionError> {
+        let record = self
+            .inner
+            .store
+            .get(key)
+            .await?
+            .filter(|r| r.version == version);
+        Ok(match record {
+            Some(r) if r.offset >= length => Position::Finished { length },
+            Some(r) => Position::At(r.offset),
+            None => Position::At(0),
+        })
+    }
+
+    /// A download whose start the client declared (`Range: bytes=N-`, or a whole file that
+    /// restarts the session at 0): begins there without stopping anyone (a previous sender
+    /// just stops counting).
+    pub async fn declare(
+        &self,
+        key: SessionKey,
+        version: u32,
+        start: u64,
+        conn: &ConnectionHandle,
+    ) -> Result<Claim, SessionError> {
+        let sender = self.inner.owners.declare(key, conn);
+        let epoch = self.inner.store.begin(key, version, start).await?;
+        Ok(Claim::new(self, key, epoch, start, sender))
+    }
+
+    /// The version the session's record refers to, if there is a record.
+    pub async fn version(&self, key: SessionKey) -> Result<Option<u32>, SessionError> {
+        Ok(self.inner.store.get(key).await?.map(|r| r.version))
+    }
+
+    /// A copy of the record (tests, diagnostics).
+    pub async fn record(&self, key: SessionKey) -> Result<Option<Record>, SessionError> {
+        Ok(self.inner.store.get(key).await?)
+    }
+
+    /// Sessions held.
+    pub fn len(&self) -> usize {
+        self.inner.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sessions with a live sender or a request waiting for one.
+    pub fn senders(&self) -> usize {
+        self.inner.owners.len()
+    }
+
+    /// Forgets idle sessions; returns how many.
+    pub async fn expire(&self) -> usize {
+        self.inner.store.expire().await
+    }
+
+    /// Runs the write-behind layer until `stop`, then flushes once more.
+    pub async fn run_writer(&self, stop: CancellationToken) {
+        self.inner.store.run_writer(stop).await;
+    }
+}
+
+/// The right to advance one session: held by the connection sending its body from `start`,
+/// under the epoch begun for it. Recording progress is synchronous and touches memory only;
+/// finishing writes how the sender ended, then releases the session.
+#[derive(Debug)]
+pub struct Claim {
+    sessions: Sessions,
+    key: SessionKey,
+    epoch: Epoch,
+    start: u64,
+    /// How the sender ended; set by `finish`, recorded by `drop`.
+    ended: Option<Ended>,
+    /// Released (dropped) after `drop` has written the end.
+    _sender: Sender,
+}
+
+impl Claim {
+    fn new(sessions: &Sessions, key: SessionKey, epoch: Epoch, start: u64, sender: Sender) -> Self {
+        Claim {
+            sessions: sessions.clone(),
+            key,
+            epoch,
+            start,
+            ended: None,
+            _sender: sender,
+        }
+    }
+
+    pub fn key(&self) -> SessionKey {
+        self.key
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The file offset of the body's first byte.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Records that the client acknowledged the file up to `offset`. Ignored once another
+    /// sender began; never moves backwards.
+    pub fn record(&self, offset: u64) -> bool {
+        self.sessions
+            .inner
+            .store
+            .advance(&self.key, self.epoch, offset)
+    }
+
+    /// Ends the claim: records how the sender ended, then releases the session.
+    pub fn finish(mut self, ended: Ended) {
+        self.ended = Some(ended);
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // A claim dropped without `finish` never sent its body (the connection was taken over
+        // or stopped before it started): the network, not the client, ended it.
+        let ended = self.ended.unwrap_or(Ended::Network);
+        self.sessions.inner.store.end(&self.key, self.epoch, ended);
+        // `_sender` is dropped after this: the release follows the final record.
+    }
+}
