@@ -221,30 +221,6 @@ async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -
     })
 }
 
-/// A parsed `Content-Range`: the inclusive (first, last) byte positions, if a range was sent,
-/// and the complete length, if known.
-pub type ContentRange = (Option<(u64, u64)>, Option<u64>);
-
-/// Parses `Content-Range: bytes FIRST-LAST/COMPLETE` (COMPLETE may be `*`) or `bytes */COMPLETE`.
-pub fn parse_content_range(v: &str) -> Option<ContentRange> {
-    let rest = v.trim().strip_prefix("bytes ")?;
-    let (range, complete) = rest.split_once('/')?;
-    let complete = if complete == "*" {
-        None
-    } else {
-        Some(complete.parse().ok()?)
-    };
-    if range == "*" {
-        return Some((None, complete));
-    }
-    let (a, b) = range.split_once('-')?;
-    let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
-    if b < a {
-        return None;
-    }
-    Some((Some((a, b)), complete))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,20 +236,5 @@ mod tests {
         assert!(Url::parse("https://h/x").is_err());
         assert!(Url::parse("http://h/a b").is_err());
         assert!(Url::parse("http:///x").is_err());
-    }
-
-    #[test]
-    fn content_ranges() {
-        assert_eq!(
-            parse_content_range("bytes 0-9/10"),
-            Some((Some((0, 9)), Some(10)))
-        );
-        assert_eq!(parse_content_range("bytes */10"), Some((None, Some(10))));
-        assert_eq!(
-            parse_content_range("bytes 5-9/*"),
-            Some((Some((5, 9)), None))
-        );
-        assert_eq!(parse_content_range("bytes 9-5/10"), None);
-        assert_eq!(parse_content_range("items 0-1/2"), None);
     }
 }

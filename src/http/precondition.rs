@@ -1,6 +1,8 @@
 //! Conditional requests (RFC 9110 §13): evaluating `If-Match`, `If-Unmodified-Since`,
 //! `If-None-Match`, `If-Modified-Since` and `If-Range` against a representation's validators,
 //! in the order §13.2.2 prescribes. Pure functions over plain values.
+//!
+//! Longer than most files: about half of it is the unit tests, one per rule of §13.
 
 use std::time::SystemTime;
 

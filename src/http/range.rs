@@ -1,6 +1,9 @@
 //! Byte ranges (RFC 9110 §14): parsing the `Range` field and deciding which slices of a
 //! representation to send. Pure functions over plain values. Ranges are half-open inside the
 //! crate; the inclusive form appears only when a `Content-Range` value is written.
+//!
+//! Longer than most files: about half of it is the unit and property tests beside the grammar
+//! and the arithmetic they pin down.
 
 use std::fmt;
 
@@ -39,19 +42,21 @@ impl ByteRange {
         ContentRange::Satisfied {
             first: self.start,
             last: self.end - 1,
-            complete: complete_len,
+            complete: Some(complete_len),
         }
     }
 }
 
-/// A `Content-Range` field value (RFC 9110 §14.4).
+/// A `Content-Range` field value (RFC 9110 §14.4), as roam writes it and as `roam get` reads
+/// it from any server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContentRange {
-    /// `bytes FIRST-LAST/COMPLETE`, inclusive as the RFC writes it.
+    /// `bytes FIRST-LAST/COMPLETE`, inclusive as the RFC writes it; `COMPLETE` is `*` (`None`)
+    /// when the sender does not know the length (roam always does).
     Satisfied {
         first: u64,
         last: u64,
-        complete: u64,
+        complete: Option<u64>,
     },
     /// `bytes */COMPLETE`, sent with 416.
     Unsatisfied { complete: u64 },
@@ -63,12 +68,48 @@ impl fmt::Display for ContentRange {
             ContentRange::Satisfied {
                 first,
                 last,
-                complete,
-            } => {
-                write!(f, "bytes {first}-{last}/{complete}")
-            }
+                complete: Some(complete),
+            } => write!(f, "bytes {first}-{last}/{complete}"),
+            ContentRange::Satisfied {
+                first,
+                last,
+                complete: None,
+            } => write!(f, "bytes {first}-{last}/*"),
             ContentRange::Unsatisfied { complete } => write!(f, "bytes */{complete}"),
         }
+    }
+}
+
+impl std::str::FromStr for ContentRange {
+    type Err = ();
+
+    /// Parses `bytes FIRST-LAST/COMPLETE` (`COMPLETE` may be `*`) or `bytes */COMPLETE`; a
+    /// range whose last byte precedes its first, or lies past a known length, is refused.
+    fn from_str(v: &str) -> Result<Self, ()> {
+        let rest = v.trim().strip_prefix("bytes ").ok_or(())?;
+        let (range, complete) = rest.split_once('/').ok_or(())?;
+        let complete = match complete {
+            "*" => None,
+            c => Some(parse_digits(c).map_err(|_| ())?),
+        };
+        if range == "*" {
+            return complete
+                .map(|complete| ContentRange::Unsatisfied { complete })
+                .ok_or(());
+        }
+        let (a, b) = range.split_once('-').ok_or(())?;
+        let (first, last) = (
+            parse_digits(a).map_err(|_| ())?,
+            parse_digits(b).map_err(|_| ())?,
+        );
+        if last < first || complete.is_some_and(|c| last >= c) {
+            return Err(());
+        }
+        Ok(ContentRange::Satisfied {
+            first,
+            last,
+            complete,
+        })
     }
 }
 
@@ -374,6 +415,47 @@ mod tests {
             ContentRange::Unsatisfied { complete: 7 }.to_string(),
             "bytes */7"
         );
+    }
+
+    #[test]
+    fn content_range_parses_what_servers_send() {
+        let p = |v: &str| v.parse::<ContentRange>();
+        assert_eq!(
+            p("bytes 0-9/10"),
+            Ok(ContentRange::Satisfied {
+                first: 0,
+                last: 9,
+                complete: Some(10)
+            })
+        );
+        assert_eq!(
+            p("bytes */10"),
+            Ok(ContentRange::Unsatisfied { complete: 10 })
+        );
+        assert_eq!(
+            p("bytes 5-9/*"),
+            Ok(ContentRange::Satisfied {
+                first: 5,
+                last: 9,
+                complete: None
+            })
+        );
+        for bad in [
+            "bytes 9-5/10",
+            "bytes 0-10/10",
+            "items 0-1/2",
+            "bytes */*",
+            "bytes -1-2/3",
+            "bytes 0-1/x",
+        ] {
+            assert_eq!(p(bad), Err(()), "{bad}");
+        }
+        for written in [
+            br(3, 10).content_range(10),
+            ContentRange::Unsatisfied { complete: 4 },
+        ] {
+            assert_eq!(p(&written.to_string()), Ok(written));
+        }
     }
 
     proptest! {

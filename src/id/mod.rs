@@ -49,6 +49,16 @@ pub fn nonce_in_target(target: &str) -> Option<u64> {
     Uuid::try_parse(segment).ok().map(|u| u.as_u64_pair().0)
 }
 
+/// True for text in the one spelling of an ID: 36 characters, lowercase hexadecimal digits
+/// with hyphens after the 8th, 12th, 16th and 20th. Says nothing about whose ID it is.
+pub fn is_id_shaped(text: &str) -> bool {
+    text.len() == ID_TEXT_LEN
+        && text.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        })
+}
+
 /// Why a path segment is not one of our IDs. Both answer 404; the reason goes into the body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
@@ -96,12 +106,7 @@ impl IdAuthority {
     /// Verifies the text form of an ID. Only the lowercase hyphenated form is accepted, so each
     /// ID has exactly one spelling (and one URL).
     pub fn verify(&self, text: &str) -> Result<ClientId, IdError> {
-        if text.len() != ID_TEXT_LEN
-            || !text.bytes().enumerate().all(|(i, b)| match i {
-                8 | 13 | 18 | 23 => b == b'-',
-                _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
-            })
-        {
+        if !is_id_shaped(text) {
             return Err(IdError::Malformed);
         }
         let uuid = Uuid::try_parse(text).map_err(|_| IdError::Malformed)?;

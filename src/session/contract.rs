@@ -7,6 +7,9 @@
 //! session cap refuses new keys only; `Expect` guards begins; idle records expire by the
 //! injected clock (no sleeps); concurrent begins and reports from several threads keep those
 //! rules; and random operation sequences agree with a simple model.
+//!
+//! Longer than most files because the contract reads best in one place: each rule, then the
+//! model it is checked against.
 #![cfg(test)]
 
 use super::backend::{Backend, Begin, BeginError, Expect, Report};

@@ -126,3 +126,168 @@ impl WriteBehind {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::backend::{Begin, BeginError, BoxFuture, Committed};
+    use crate::session::clock::ManualClock;
+    use crate::session::contract::{key, T0};
+    use crate::session::key::{Ended, Epoch, Record, SessionKey};
+    use crate::session::memory::MemoryBackend;
+    use crate::session::store::Store;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A memory backend whose next `failures` commits fail, counting the commits it took.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: MemoryBackend,
+        failures: AtomicUsize,
+        commits: AtomicUsize,
+    }
+
+    impl Backend for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn exclusive(&self) -> bool {
+            true
+        }
+        fn read(&self, key: SessionKey) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
+            self.inner.read(key)
+        }
+        fn begin(&self, key: SessionKey, b: Begin) -> BoxFuture<'_, Result<Epoch, BeginError>> {
+            self.inner.begin(key, b)
+        }
+        fn commit(&self, batch: Vec<Report>) -> BoxFuture<'_, Result<Committed, StoreError>> {
+            if self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Box::pin(std::future::ready(Err(StoreError("disk full".into()))));
+            }
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            self.inner.commit(batch)
+        }
+        fn expire(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
+            self.inner.expire()
+        }
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+    }
+
+    fn flaky(failures: usize) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            inner: MemoryBackend::new(100, Duration::from_secs(3600), clock()),
+            failures: AtomicUsize::new(failures),
+            commits: AtomicUsize::new(0),
+        })
+    }
+
+    fn clock() -> Arc<ManualClock> {
+        Arc::new(ManualClock::at(T0))
+    }
+
+    fn store(backend: Arc<Flaky>, interval: Duration) -> Store {
+        Store::with_backend(backend, 100, Duration::from_secs(3600), clock(), interval)
+    }
+
+    #[tokio::test]
+    async fn changes_reach_the_backend_when_flushed() {
+        let backend = flaky(0);
+        let s = store(Arc::clone(&backend), Duration::from_secs(3600));
+        let e = s.begin(key(1), 3, 10).await.unwrap();
+        assert!(s.advance(&key(1), e, 50));
+        assert_eq!(
+            backend.inner.read(key(1)).await.unwrap(),
+            None,
+            "written behind"
+        );
+        assert_eq!(s.flush().await.unwrap(), 1);
+        let stored = backend.inner.read(key(1)).await.unwrap().unwrap();
+        assert_eq!((stored.offset, stored.version, stored.epoch), (50, 3, e));
+        // Nothing changed since: nothing to write.
+        assert_eq!(s.flush().await.unwrap(), 0);
+        s.end(&key(1), e, Ended::Clean);
+        assert_eq!(s.flush().await.unwrap(), 1);
+        assert_eq!(
+            backend.inner.read(key(1)).await.unwrap().unwrap().ended,
+            Ended::Clean
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_is_kept_and_written_by_the_next_flush() {
+        let backend = flaky(2);
+        let s = store(Arc::clone(&backend), Duration::from_secs(3600));
+        let e = s.begin(key(2), 1, 0).await.unwrap();
+        s.advance(&key(2), e, 100);
+        assert!(s.flush().await.is_err());
+        s.advance(&key(2), e, 200);
+        assert!(s.flush().await.is_err());
+        assert_eq!(backend.inner.read(key(2)).await.unwrap(), None);
+        // Serving goes on from memory meanwhile.
+        assert_eq!(s.get(key(2)).await.unwrap().unwrap().offset, 200);
+        assert_eq!(s.flush().await.unwrap(), 1);
+        assert_eq!(
+            backend.inner.read(key(2)).await.unwrap().unwrap().offset,
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn a_miss_is_read_from_the_backend_and_kept() {
+        let backend = flaky(0);
+        let record = Record {
+            offset: 77,
+            version: 9,
+            epoch: Epoch(5),
+            ended: Ended::Network,
+        };
+        backend
+            .inner
+            .commit(vec![Report::Snapshot {
+                key: key(3),
+                record,
+            }])
+            .await
+            .unwrap();
+        // A new process: an empty table over the same store.
+        let s = store(Arc::clone(&backend), Duration::from_secs(3600));
+        assert_eq!(s.table().get(&key(3)), None);
+        assert_eq!(s.get(key(3)).await.unwrap(), Some(record));
+        assert_eq!(s.table().get(&key(3)), Some(record), "kept in the table");
+        // The next begin continues the stored epochs.
+        let e = s.begin(key(3), 9, 77).await.unwrap();
+        assert_eq!(e, Epoch(6));
+        assert_eq!(s.get(key(4)).await.unwrap(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_writer_flushes_when_woken_and_once_more_at_stop() {
+        let backend = flaky(0);
+        let s = Arc::new(store(Arc::clone(&backend), Duration::from_secs(3600)));
+        let stop = CancellationToken::new();
+        let writer = {
+            let (s, stop) = (Arc::clone(&s), stop.clone());
+            tokio::spawn(async move { s.run_writer(stop).await })
+        };
+        // A begin wakes the writer: written within the minimum gap, not the hour.
+        let e = s.begin(key(5), 1, 0).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3600 / 8 + 1);
+        while backend.inner.read(key(5)).await.unwrap().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "never flushed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // Progress alone waits for the tick; the stop flushes it.
+        s.advance(&key(5), e, 42);
+        stop.cancel();
+        writer.await.unwrap();
+        assert_eq!(
+            backend.inner.read(key(5)).await.unwrap().unwrap().offset,
+            42
+        );
+    }
+}
