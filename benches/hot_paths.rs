@@ -138,7 +138,12 @@ fn decide(c: &mut Criterion) {
                     i = (i + 1) % heads.len();
                     let (req, _) = request::parse(&heads[i], &limits).unwrap().unwrap();
                     let resp = rt
-                        .block_on(roam::respond::respond(&svc, &req, &conn))
+                        .block_on(roam::respond::respond(
+                            &svc,
+                            &req,
+                            &conn,
+                            &roam::respond::nothing_in_flight,
+                        ))
                         .unwrap();
                     black_box(resp.head.finish(false, false))
                 })

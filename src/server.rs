@@ -49,6 +49,7 @@ pub async fn run_listener(
     });
     if sweep {
         tracker.spawn(sweep_sessions(Arc::clone(&svc), cancel.clone()));
+        tracker.spawn(Arc::clone(svc.digests()).run(Arc::clone(svc.root()), cancel.clone()));
     }
     tokio::pin!(shutdown);
     let mut backoff = Duration::ZERO;

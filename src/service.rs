@@ -19,7 +19,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct Service {
     config: Config,
-    root: Root,
+    root: Arc<Root>,
     ids: IdAuthority,
     files: FileTable,
     digests: Arc<Digests>,
@@ -64,7 +64,7 @@ impl Service {
             .map(|(rate, burst)| MintLimiter::new(rate, burst));
         Ok(Arc::new(Service {
             config,
-            root,
+            root: Arc::new(root),
             ids,
             files,
             digests: Arc::new(Digests::default()),
@@ -79,7 +79,7 @@ impl Service {
     }
 
     /// The served folder.
-    pub fn root(&self) -> &Root {
+    pub fn root(&self) -> &Arc<Root> {
         &self.root
     }
 
@@ -111,7 +111,7 @@ impl Service {
     /// computation if nothing is), and its session key.
     pub fn open(&self, rel: &RelPath) -> Result<(OpenFile, FileKey), OpenError> {
         let (mut file, key) = self.files.open(&self.root, rel)?;
-        file.digest = self.digests.get_or_start(key, &file);
+        file.digest = self.digests.get_or_start(&file, rel);
         Ok((file, key))
     }
 

@@ -1622,3 +1622,87 @@ fn the_file_table_never_starves_the_server_of_descriptors() {
     );
     assert_eq!(request(srv.addr, &get("/")).status, 200);
 }
+
+/// Issue 11, 3: each background digest cloned its file's descriptor before waiting for the one
+/// hashing permit, nothing bounded the waiting, and every alias path was a new file: with 300
+/// descriptors, one large file being hashed and 400 more files asked for, 113 requests got
+/// `500` and accept failed with "Too many open files"; 500 symlink aliases of one large file
+/// queued 500 hashes of it. Now a waiting digest holds no descriptor (the worker opens the file
+/// when its turn comes), the queue is bounded, and results belong to the file (device, inode,
+/// version), so aliases share one.
+#[test]
+fn waiting_digests_hold_no_descriptors_and_aliases_share_one_digest() {
+    let root = Root::new();
+    // Sparse: no disk, but hashing it takes seconds, so everything below queues behind it.
+    std::fs::File::create(root.path().join("huge.bin"))
+        .unwrap()
+        .set_len(2 << 30)
+        .unwrap();
+    let big = pattern(32 * MIB, 77);
+    root.file("big.bin", &big);
+    for i in 0..400 {
+        // Over 16 KiB, so each is queued rather than hashed from memory at once.
+        root.file(&format!("f/{i:03}.bin"), &pattern(20 * 1024, i));
+    }
+    std::os::unix::fs::symlink(".", root.path().join("x")).unwrap();
+    std::os::unix::fs::symlink(".", root.path().join("y")).unwrap();
+    let mut srv = Binary::start_under(
+        &["prlimit", "--nofile=300:300"],
+        root.path(),
+        &["--file-cache-entries", "10", "--idle-timeout", "60s"],
+    );
+    let id = srv.mint();
+    let addr = srv.addr;
+    let head = |path: &str| {
+        request(
+            addr,
+            &format!("HEAD /{id}/{path} HTTP/1.1\r\nHost: t\r\n\r\n"),
+        )
+    };
+    assert_eq!(head("huge.bin").status, 200);
+    for i in 0..400 {
+        let r = head(&format!("f/{i:03}.bin"));
+        assert_eq!(r.status, 200, "file {i}: {r:?}\n{}", srv.log());
+    }
+    // 500 distinct paths to big.bin through the two symlinks.
+    let mut aliases = Vec::new();
+    for n in 0..500usize {
+        let mut p = String::new();
+        for bit in 0..9 {
+            p.push_str(if n >> bit & 1 == 1 { "x/" } else { "y/" });
+        }
+        p.push_str("big.bin");
+        aliases.push(p);
+    }
+    for p in &aliases {
+        let r = head(p);
+        assert_eq!(r.status, 200, "{p}: {r:?}");
+    }
+    let fds = std::fs::read_dir(srv.proc_path("fd")).unwrap().count();
+    assert!(fds < 100, "{fds} descriptors open while digests wait");
+    srv.assert_alive();
+    assert!(
+        !srv.log().contains("Too many open files"),
+        "descriptors ran out:\n{}",
+        srv.log()
+    );
+    // The one digest of big.bin serves every alias (and the plain path) once it is ready.
+    use sha2::Digest as _;
+    let expected = {
+        use base64::Engine as _;
+        format!(
+            "sha-256=:{}:",
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&big))
+        )
+    };
+    wait_until("big.bin's digest", Duration::from_secs(120), || {
+        head("big.bin").header("repr-digest") == Some(expected.as_str())
+    });
+    for p in aliases.iter().take(20) {
+        assert_eq!(
+            head(p).header("repr-digest"),
+            Some(expected.as_str()),
+            "{p}"
+        );
+    }
+}

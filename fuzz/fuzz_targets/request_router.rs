@@ -90,7 +90,7 @@ fn check_request(req: &Request) {
     for (etag, secs) in [("\"10-5f\"", 1_700_000_000), ("\"0-0\"", 0)] {
         let validators = Validators {
             etag,
-            last_modified: UNIX_EPOCH + Duration::from_secs(secs),
+            last_modified: Some(UNIX_EPOCH + Duration::from_secs(secs)),
         };
         let _ = precondition::evaluate(&conditions, &validators);
     }

@@ -134,7 +134,10 @@ impl Connection {
                 self.settle();
             }
             let head_only = req.method == Method::Head;
-            let (resp, close) = match respond::respond(&self.svc, &req, &self.handle).await {
+            let deliveries = &self.deliveries;
+            let in_flight = |key| deliveries.written_end(key);
+            let decided = respond::respond(&self.svc, &req, &self.handle, &in_flight).await;
+            let (resp, close) = match decided {
                 Ok(resp) => (resp, !req.keep_alive),
                 Err(RequestError::TakenOver) => return Ending::TakenOver,
                 Err(err) => {

@@ -9,7 +9,7 @@
 //! send queue, packets in flight and the peer's receive window sit between, and a client that
 //! vanished mid-download would otherwise be resumed past a gap.
 
-use crate::session::{Claim, Ended};
+use crate::session::{Claim, Ended, Epoch, SessionKey};
 use crate::sys::AckCounter;
 
 /// Where one response body sits in the connection's outgoing byte stream.
@@ -152,6 +152,16 @@ impl Deliveries {
     /// How many bodies are not yet fully confirmed.
     pub fn pending_count(&self) -> usize {
         self.bodies.len()
+    }
+
+    /// The epoch and end (file offset) of the last body this connection sent for `key` that is
+    /// not yet wholly confirmed.
+    pub fn written_end(&self, key: SessionKey) -> Option<(Epoch, u64)> {
+        self.bodies
+            .iter()
+            .rev()
+            .find(|t| t.claim.key() == key)
+            .map(|t| (t.claim.epoch(), t.claim.start() + t.len))
     }
 
     /// True when a pending body belongs to client `nonce`.

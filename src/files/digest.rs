@@ -2,21 +2,41 @@
 //! in the background and cached. A request never waits for a digest: until it is ready the
 //! response says `Roam-Digest: pending` instead, so a multi-gigabyte file costs its first
 //! client nothing and a client can tell "not computed yet" from "this server has none".
+//!
+//! Everything here is bounded:
+//! - A file waiting for its turn is a job in a queue of at most [`MAX_QUEUED`], and a job holds
+//!   no descriptor: it names the path, and the worker opens it when its turn comes and checks it
+//!   is still the same file (device, inode, length, mtime). One file is hashed at a time, so the
+//!   digests hold at most one descriptor, and a worker that runs out of descriptors waits and
+//!   tries again instead of failing anyone's request.
+//! - Results are keyed by the file's identity and version, not by path: any number of paths
+//!   that reach one file (symlinks, `x/../x`) share one computation and one result.
+//! - At most [`MAX_KNOWN`] results are kept; past that the finished ones are forgotten (and
+//!   computed again when asked for).
+//! - Files of at most 16 KiB, whose content the file table holds, are hashed at once from that
+//!   copy.
 
-use super::root::OpenFile;
-use crate::session::FileKey;
+use super::root::{mtime_ns, OpenFile, Root};
+use crate::http::target::RelPath;
 use base64::Engine as _;
 use dashmap::DashMap;
 use sha2::{Digest as _, Sha256};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use tokio::sync::Semaphore;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-/// Digests computed at once: hashing reads whole files, and serving must keep the rest of the
-/// disk bandwidth and the other core.
-const CONCURRENT_DIGESTS: usize = 1;
+/// Files waiting to be hashed; a request for another file past this gets `pending` without
+/// queueing it (its next request queues it once there is room).
+pub const MAX_QUEUED: usize = 256;
+/// Results kept.
+pub const MAX_KNOWN: usize = 100_000;
+/// How long the worker waits after running out of descriptors.
+const DESCRIPTOR_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What a response can say about the digest of the version it serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,106 +49,207 @@ pub enum DigestState {
     Unavailable,
 }
 
-#[derive(Debug, Clone)]
-enum Known {
-    Computing { version: u64 },
-    Ready { version: u64, field: Arc<str> },
+/// One version of one file on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct DigestKey {
+    dev: u64,
+    ino: u64,
+    /// The ETag's hash: a rewrite in place is another version of the same inode.
+    version: u64,
 }
 
-/// Cache of `Repr-Digest` field values by file, one version each: like the file ids, one small
-/// entry per file that was ever served while the server ran.
+impl DigestKey {
+    fn of(file: &OpenFile) -> DigestKey {
+        DigestKey {
+            dev: file.identity.dev,
+            ino: file.identity.ino,
+            version: file.version,
+        }
+    }
+}
+
 #[derive(Debug)]
+enum Known {
+    Queued,
+    Ready(Arc<str>),
+}
+
+/// A file waiting to be hashed: where to find it, and what it must still be.
+#[derive(Debug)]
+struct Job {
+    key: DigestKey,
+    path: RelPath,
+    len: u64,
+    mtime_ns: i128,
+}
+
+/// The digest cache, its queue and the worker's state.
+#[derive(Debug, Default)]
 pub struct Digests {
-    known: DashMap<FileKey, Known>,
-    permits: Arc<Semaphore>,
+    known: DashMap<DigestKey, Known>,
+    queue: Mutex<VecDeque<Job>>,
+    wake: Notify,
     /// Set at shutdown: hashing stops at the next chunk, so a multi-gigabyte file cannot hold
     /// the process past its shutdown deadline.
     stopped: Arc<AtomicBool>,
 }
 
-impl Default for Digests {
-    fn default() -> Self {
-        Digests {
-            known: DashMap::new(),
-            permits: Arc::new(Semaphore::new(CONCURRENT_DIGESTS)),
-            stopped: Arc::new(AtomicBool::new(false)),
-        }
-    }
-}
-
 impl Digests {
-    /// Stops every computation in progress and refuses new ones.
+    /// Stops the computation in progress and refuses new ones.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
-        self.permits.close();
+        self.wake.notify_one();
     }
 
-    /// The field value for this version of the file if it is known; otherwise starts computing
-    /// it (once) and returns `None`. Must be called inside a Tokio runtime.
-    ///
-    /// At most one computation per file at a time, whatever its version: a file that keeps
-    /// changing must not queue a hash (and a descriptor) per version. When a computation of an
-    /// older version ends, the next request starts one for the current version.
-    pub fn get_or_start(self: &Arc<Self>, id: FileKey, file: &OpenFile) -> DigestState {
-        match self.known.get(&id).as_deref() {
-            Some(Known::Ready { version, field }) if *version == file.version => {
-                return DigestState::Ready(Arc::clone(field))
-            }
-            Some(Known::Computing { .. }) => return DigestState::Pending,
-            _ => {}
+    /// The digest of this version of `file` (opened at `path`) if it is known; otherwise queues
+    /// it (once) and says it is pending.
+    pub fn get_or_start(&self, file: &OpenFile, path: &RelPath) -> DigestState {
+        let key = DigestKey::of(file);
+        match self.known.get(&key).as_deref() {
+            Some(Known::Ready(field)) => return DigestState::Ready(Arc::clone(field)),
+            Some(Known::Queued) => return DigestState::Pending,
+            None => {}
         }
         if self.stopped.load(Ordering::Relaxed) {
             return DigestState::Unavailable;
         }
-        let stopped = Arc::clone(&self.stopped);
-        self.known.insert(
-            id,
-            Known::Computing {
-                version: file.version,
-            },
-        );
-        let this = Arc::clone(self);
-        let handle = Arc::clone(&file.source.file);
-        let version = file.version;
-        let etag = file.etag.clone();
-        tokio::spawn(async move {
-            let Ok(_permit) = this.permits.acquire().await else {
-                return;
-            };
-            let result =
-                tokio::task::spawn_blocking(move || hash_if_unchanged(&handle, &etag, &stopped))
-                    .await;
-            match result {
-                Ok(Ok(Some(field))) => {
-                    let field: Arc<str> = Arc::from(field);
-                    // Only the computation that was asked for may land: a newer version may have
-                    // started its own meanwhile.
-                    this.known.alter(&id, |_, k| match k {
-                        Known::Computing { version: v } if v == version => {
-                            Known::Ready { version, field }
-                        }
-                        other => other,
-                    });
-                }
-                other => {
-                    if let Ok(Err(e)) = &other {
-                        tracing::warn!(error = %e, "cannot compute a file digest");
-                    }
-                    this.known.remove_if(
-                        &id,
-                        |_, k| matches!(k, Known::Computing { version: v } if *v == version),
-                    );
-                }
-            }
+        if self.known.len() >= MAX_KNOWN {
+            self.known.retain(|_, k| matches!(k, Known::Queued));
+        }
+        if let Some(content) = &file.small {
+            let field: Arc<str> = Arc::from(field_value(&Sha256::digest(content)));
+            self.known.insert(key, Known::Ready(Arc::clone(&field)));
+            return DigestState::Ready(field);
+        }
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() >= MAX_QUEUED {
+            return DigestState::Pending;
+        }
+        // Checked again under the queue's lock: two requests racing queue it once.
+        if self.known.contains_key(&key) {
+            return DigestState::Pending;
+        }
+        self.known.insert(key, Known::Queued);
+        queue.push_back(Job {
+            key,
+            path: path.clone(),
+            len: file.len,
+            mtime_ns: file_mtime_ns(file),
         });
+        drop(queue);
+        self.wake.notify_one();
         DigestState::Pending
+    }
+
+    /// Files waiting to be hashed.
+    pub fn queued(&self) -> usize {
+        self.queue.lock().map_or(0, |q| q.len())
+    }
+
+    fn next_job(&self) -> Option<Job> {
+        self.queue.lock().ok()?.pop_front()
+    }
+
+    /// The worker: hashes queued files one at a time until `stop` or [`Digests::stop`].
+    pub async fn run(self: Arc<Self>, root: Arc<Root>, stop: CancellationToken) {
+        loop {
+            if self.stopped.load(Ordering::Relaxed) {
+                return;
+            }
+            let Some(job) = self.next_job() else {
+                tokio::select! {
+                    () = self.wake.notified() => continue,
+                    () = stop.cancelled() => return,
+                }
+            };
+            let (this, root2) = (Arc::clone(&self), Arc::clone(&root));
+            let outcome = tokio::task::spawn_blocking(move || this.hash_job(&root2, job)).await;
+            match outcome {
+                Ok(Outcome::OutOfDescriptors(job)) => {
+                    // Put it back at the front and wait: the descriptors are the server's to
+                    // use first.
+                    if let Ok(mut q) = self.queue.lock() {
+                        q.push_front(job);
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(DESCRIPTOR_BACKOFF) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+                Ok(Outcome::Done) => {}
+                Err(e) => tracing::warn!(error = %e, "digest worker failed"),
+            }
+        }
+    }
+
+    /// Opens, checks and hashes one queued file (on the blocking pool).
+    fn hash_job(&self, root: &Root, job: Job) -> Outcome {
+        let forget = |key| {
+            self.known
+                .remove_if(&key, |_, k| matches!(k, Known::Queued));
+        };
+        let file = match root.open_regular(&job.path) {
+            Ok((file, meta)) => {
+                use std::os::unix::fs::MetadataExt;
+                let same = meta.dev() == job.key.dev
+                    && meta.ino() == job.key.ino
+                    && meta.len() == job.len
+                    && mtime_ns(&meta) == job.mtime_ns;
+                if !same {
+                    // Replaced or rewritten since it was queued: the next request queues the
+                    // file that is there now.
+                    forget(job.key);
+                    return Outcome::Done;
+                }
+                file
+            }
+            Err(super::root::OpenError::Io(e)) if is_out_of_descriptors(&e) => {
+                return Outcome::OutOfDescriptors(job)
+            }
+            Err(_) => {
+                forget(job.key);
+                return Outcome::Done;
+            }
+        };
+        match hash_if_unchanged(&file, job.len, job.mtime_ns, &self.stopped) {
+            Ok(Some(field)) => {
+                self.known.insert(job.key, Known::Ready(Arc::from(field)));
+            }
+            Ok(None) => forget(job.key),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot compute a file digest");
+                forget(job.key);
+            }
+        }
+        Outcome::Done
     }
 }
 
-/// Hashes the whole file, then checks that its length and modification time still give the
-/// same ETag: a digest of a file written to during hashing would describe no version at all.
-/// Returns `None` for a changed file or when `stopped` is set.
-fn hash_if_unchanged(file: &File, etag: &str, stopped: &AtomicBool) -> io::Result<Option<String>> {
+enum Outcome {
+    Done,
+    OutOfDescriptors(Job),
+}
+
+fn file_mtime_ns(file: &OpenFile) -> i128 {
+    file.source
+        .file
+        .metadata()
+        .map_or(i128::MIN, |m| mtime_ns(&m))
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Hashes the whole file, then checks that its length and modification time are still what
+/// they were when it was queued: a digest of a file written to during hashing would describe
+/// no version at all. Returns `None` for a changed file or when `stopped` is set.
+fn hash_if_unchanged(
+    file: &File,
+    len: u64,
+    mtime: i128,
+    stopped: &AtomicBool,
+) -> io::Result<Option<String>> {
     use std::os::unix::fs::FileExt;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -147,9 +268,7 @@ fn hash_if_unchanged(file: &File, etag: &str, stopped: &AtomicBool) -> io::Resul
         pos += n as u64;
     }
     let meta = file.metadata()?;
-    let now =
-        super::root::strong_etag(meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
-    if now != etag || pos != meta.len() {
+    if meta.len() != len || mtime_ns(&meta) != mtime || pos != len {
         return Ok(None);
     }
     Ok(Some(field_value(&hasher.finalize())))
@@ -185,16 +304,13 @@ mod tests {
         std::fs::write(&p, b"abc").unwrap();
         let f = File::open(&p).unwrap();
         let meta = f.metadata().unwrap();
-        let etag = crate::files::strong_etag(meta.len(), meta.modified().unwrap());
-        assert!(hash_if_unchanged(&f, &etag, &AtomicBool::new(false))
-            .unwrap()
-            .is_some());
+        let (len, mtime) = (meta.len(), mtime_ns(&meta));
+        let never = AtomicBool::new(false);
+        assert!(hash_if_unchanged(&f, len, mtime, &never).unwrap().is_some());
+        assert_eq!(hash_if_unchanged(&f, len, mtime + 1, &never).unwrap(), None);
+        assert_eq!(hash_if_unchanged(&f, len + 1, mtime, &never).unwrap(), None);
         assert_eq!(
-            hash_if_unchanged(&f, "\"stale\"", &AtomicBool::new(false)).unwrap(),
-            None
-        );
-        assert_eq!(
-            hash_if_unchanged(&f, &etag, &AtomicBool::new(true)).unwrap(),
+            hash_if_unchanged(&f, len, mtime, &AtomicBool::new(true)).unwrap(),
             None
         );
     }

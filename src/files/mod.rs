@@ -1,8 +1,9 @@
 //! Files: the served folder and confined opens under it (`root`), the table of open files with
-//! their validators and session keys (`table`), and `Repr-Digest` values computed in the
-//! background (`digest`).
+//! their validators and session keys (`table`), which file a path named (`identity`), and
+//! `Repr-Digest` values computed in the background (`digest`).
 
 pub mod digest;
+pub mod identity;
 pub mod root;
 pub mod table;
 

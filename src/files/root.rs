@@ -1,9 +1,10 @@
 //! The served folder: opening a validated relative path so that nothing outside the root can be
 //! reached, and describing the file (length, validators, type).
 
+use super::identity::Identity;
 use crate::http::target::RelPath;
 use bytes::Bytes;
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,19 +38,19 @@ pub enum OpenError {
 #[derive(Debug, Clone)]
 pub struct Source {
     pub file: Arc<File>,
-    /// Hash of the ETag when opened (see [`OpenFile::version`]).
-    pub version: u64,
+    /// Length and modification time when opened: what the ETag says.
+    len: u64,
+    mtime_ns: i128,
 }
 
 impl Source {
     /// True when the file's length or modification time no longer match the version being
-    /// sent: it was rewritten in place, and the rest of the body would splice two versions.
+    /// sent: it was rewritten in place, and the rest of the body would splice two versions. (The
+    /// status-change time is not compared: deleting or replacing the path changes it too, and
+    /// a body goes on from its descriptor then.)
     pub fn changed(&self) -> bool {
         match self.file.metadata() {
-            Ok(meta) => {
-                let etag = strong_etag(meta.len(), meta.modified().unwrap_or(UNIX_EPOCH));
-                fnv1a(etag.as_bytes()) != self.version
-            }
+            Ok(meta) => meta.len() != self.len || mtime_ns(&meta) != self.mtime_ns,
             Err(_) => true,
         }
     }
@@ -60,9 +61,12 @@ impl Source {
 pub struct OpenFile {
     pub source: Source,
     pub len: u64,
-    /// Modification time truncated to whole seconds, as `Last-Modified` carries it, and never
-    /// later than now (RFC 9110 §8.8.2.1).
-    pub last_modified: SystemTime,
+    /// Which file this is on this machine.
+    pub identity: Identity,
+    /// Modification time truncated to whole seconds, as `Last-Modified` carries it; `None` for
+    /// a file dated in the future, which has no consistent last-modified date (see
+    /// [`last_modified`]).
+    pub last_modified: Option<SystemTime>,
     /// Strong validator, quotes included.
     pub etag: Arc<str>,
     /// A hash of the ETag: what a session remembers of the version it is downloading.
@@ -83,6 +87,54 @@ pub struct OpenFile {
 pub const SMALL_FILE: u64 = 16 * 1024;
 
 impl OpenFile {
+    /// Describes an open regular file. `etag_suffix`: the status-change time to put in the ETag
+    /// when another file with the same length and mtime was served from this path before
+    /// (see `identity`).
+    pub fn new(file: File, meta: &Metadata, rel: &RelPath, etag_suffix: Option<i128>) -> OpenFile {
+        let modified = meta.modified().unwrap_or(UNIX_EPOCH);
+        let len = meta.len();
+        let etag = strong_etag(len, modified, etag_suffix);
+        let version = fnv1a(etag.as_bytes());
+        let source = Source {
+            file: Arc::new(file),
+            len,
+            mtime_ns: mtime_ns(meta),
+        };
+        let last_modified = last_modified(modified, SystemTime::now());
+        let content_type = mime_guess::from_path(rel.as_path())
+            .first_raw()
+            .unwrap_or("application/octet-stream");
+        let mut fields = String::with_capacity(160);
+        if let Some(lm) = last_modified {
+            fields.push_str(&format!(
+                "Last-Modified: {}\r\n",
+                httpdate::fmt_http_date(lm)
+            ));
+        }
+        fields.push_str(&format!(
+            "ETag: {etag}\r\nAccept-Ranges: bytes\r\nCache-Control: no-store\r\n"
+        ));
+        // A copy read while the file is rewritten in place would put new bytes under the old
+        // ETag: keep it only if the file still has the version we describe once it is read.
+        let small = if len <= SMALL_FILE {
+            read_whole(&source.file, len).filter(|_| !source.changed())
+        } else {
+            None
+        };
+        OpenFile {
+            source,
+            len,
+            identity: identity_of(meta),
+            last_modified,
+            etag: Arc::from(etag),
+            version,
+            content_type,
+            fields: Bytes::from(fields),
+            small,
+            digest: super::digest::DigestState::Unavailable,
+        }
+    }
+
     /// The 32-bit version a session record keeps (two versions are mistaken for each other
     /// with probability 2^-32 per change of the file).
     pub fn session_version(&self) -> u32 {
@@ -113,48 +165,22 @@ impl Root {
     }
 
     /// Opens `rel` below the root. Symlinks that stay inside the root are followed; any that
-    /// lead outside are refused, as are directories and special files.
-    pub fn open_file(&self, rel: &RelPath) -> Result<OpenFile, OpenError> {
+    /// lead outside are refused, as are directories and special files. Returns the file and
+    /// its metadata.
+    pub fn open_regular(&self, rel: &RelPath) -> Result<(File, Metadata), OpenError> {
         let file = self.open_confined(rel.as_path())?;
         let meta = file.metadata().map_err(OpenError::Io)?;
         if !meta.is_file() {
             return Err(OpenError::NotFound);
         }
-        let modified = meta.modified().unwrap_or(UNIX_EPOCH);
-        let len = meta.len();
-        let etag = strong_etag(len, modified);
-        let version = fnv1a(etag.as_bytes());
-        let source = Source {
-            file: Arc::new(file),
-            version,
-        };
-        let last_modified = truncate_to_second(modified.min(SystemTime::now()));
-        let content_type = mime_guess::from_path(rel.as_path())
-            .first_raw()
-            .unwrap_or("application/octet-stream");
-        let fields = Bytes::from(format!(
-            "Last-Modified: {}\r\nETag: {etag}\r\nAccept-Ranges: bytes\r\n\
-             Cache-Control: no-store\r\n",
-            httpdate::fmt_http_date(last_modified)
-        ));
-        // A copy read while the file is rewritten in place would put new bytes under the old
-        // ETag: keep it only if the file still has the version we describe once it is read.
-        let small = if len <= SMALL_FILE {
-            read_whole(&source.file, len).filter(|_| !source.changed())
-        } else {
-            None
-        };
-        Ok(OpenFile {
-            source,
-            len,
-            last_modified,
-            etag: Arc::from(etag),
-            version,
-            content_type,
-            fields,
-            small,
-            digest: super::digest::DigestState::Unavailable,
-        })
+        Ok((file, meta))
+    }
+
+    /// Opens `rel` and describes it with the plain ETag (callers that track identities use
+    /// [`Root::open_regular`] and [`OpenFile::new`]).
+    pub fn open_file(&self, rel: &RelPath) -> Result<OpenFile, OpenError> {
+        let (file, meta) = self.open_regular(rel)?;
+        Ok(OpenFile::new(file, &meta, rel, None))
     }
 
     #[cfg(target_os = "linux")]
@@ -233,14 +259,43 @@ fn classify(e: io::Error) -> OpenError {
 
 /// A strong ETag from length and modification time to the nanosecond: the same on every
 /// machine serving the same file with the same mtime, stable across restarts, and changed by
-/// any write that changes either. (The inode is deliberately left out: it differs between
-/// machines.)
-pub fn strong_etag(len: u64, modified: SystemTime) -> String {
+/// any write that changes either. The inode is left out (it differs between machines); a
+/// different file with the same length and mtime gets its status-change time as `suffix`
+/// (see `identity`).
+pub fn strong_etag(len: u64, modified: SystemTime, suffix: Option<i128>) -> String {
     let nanos = match modified.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos(),
         Err(_) => 0,
     };
-    format!("\"{len:x}-{nanos:x}\"")
+    match suffix {
+        None => format!("\"{len:x}-{nanos:x}\""),
+        Some(c) => format!("\"{len:x}-{nanos:x}-{:x}\"", c.max(0)),
+    }
+}
+
+/// Nanoseconds since the epoch of the modification time (negative before it).
+pub fn mtime_ns(meta: &Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+}
+
+/// The file's identity on this machine.
+pub fn identity_of(meta: &Metadata) -> Identity {
+    use std::os::unix::fs::MetadataExt;
+    Identity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+    }
+}
+
+/// `Last-Modified` for a modification time, at time `now`: truncated to whole seconds, and
+/// absent for a file dated in the future. RFC 9110 §8.8.2.1 would have the origin send the
+/// response's `Date` instead, but that value moves every second, so a date `If-Range` could
+/// never match it; §8.8.2 lets a server omit `Last-Modified` when no consistent date can be
+/// determined, and the strong ETag remains.
+pub fn last_modified(modified: SystemTime, now: SystemTime) -> Option<SystemTime> {
+    (modified <= now).then(|| truncate_to_second(modified))
 }
 
 fn truncate_to_second(t: SystemTime) -> SystemTime {
@@ -306,12 +361,26 @@ mod tests {
     #[test]
     fn etag_depends_on_length_and_nanoseconds() {
         let t = UNIX_EPOCH + Duration::new(1_700_000_000, 5);
-        assert_eq!(strong_etag(10, t), strong_etag(10, t));
-        assert_ne!(strong_etag(10, t), strong_etag(11, t));
+        assert_eq!(strong_etag(10, t, None), strong_etag(10, t, None));
+        assert_ne!(strong_etag(10, t, None), strong_etag(11, t, None));
         assert_ne!(
-            strong_etag(10, t),
-            strong_etag(10, t + Duration::from_nanos(1))
+            strong_etag(10, t, None),
+            strong_etag(10, t + Duration::from_nanos(1), None)
         );
-        assert!(strong_etag(10, t).starts_with('"') && !strong_etag(10, t).starts_with("W/"));
+        assert_ne!(strong_etag(10, t, None), strong_etag(10, t, Some(3)));
+        let e = strong_etag(10, t, None);
+        assert!(e.starts_with('"') && !e.starts_with("W/"));
+        assert_eq!(e, "\"a-17979cfe362a0005\"");
+    }
+
+    #[test]
+    fn a_future_mtime_has_no_last_modified() {
+        let now = UNIX_EPOCH + Duration::new(1_700_000_000, 0);
+        assert_eq!(
+            last_modified(now - Duration::from_millis(1500), now),
+            Some(now - Duration::from_secs(2))
+        );
+        assert_eq!(last_modified(now, now), Some(now));
+        assert_eq!(last_modified(now + Duration::from_secs(1), now), None);
     }
 }

@@ -11,7 +11,8 @@
 //! Each entry also carries the file's session key, derived from its path (see
 //! [`FileKey::of_path`]): the same in every process, so nothing per path needs remembering.
 
-use super::root::{OpenError, OpenFile, Root};
+use super::identity::Identities;
+use super::root::{identity_of, mtime_ns, OpenError, OpenFile, Root};
 use crate::http::target::RelPath;
 use crate::session::FileKey;
 use dashmap::DashMap;
@@ -49,6 +50,8 @@ struct Entry {
 #[derive(Debug)]
 pub struct FileTable {
     entries: DashMap<PathBuf, Arc<Entry>>,
+    /// Which files each path named, for ETags that tell them apart (see `identity`).
+    identities: Identities,
     revalidate_ms: u64,
     max_entries: usize,
     origin: Instant,
@@ -60,6 +63,7 @@ impl FileTable {
     pub fn new(revalidate: Duration, max_entries: usize) -> Self {
         FileTable {
             entries: DashMap::new(),
+            identities: Identities::default(),
             revalidate_ms: u64::try_from(revalidate.as_millis()).unwrap_or(u64::MAX),
             max_entries,
             origin: Instant::now(),
@@ -83,19 +87,18 @@ impl FileTable {
                 return Ok((entry.file.clone(), entry.key));
             }
         }
-        let opened = match root.open_file(rel) {
+        let opened = match self.describe(root, rel) {
             // Out of descriptors: the cached ones are the ones we can give back. Close them all
             // and try once more, so the cache can never starve the server.
             Err(OpenError::Io(e)) if is_out_of_descriptors(&e) => {
                 tracing::warn!("out of file descriptors: closing the file table's cached files");
                 self.entries.clear();
-                root.open_file(rel)
+                self.describe(root, rel)
             }
             other => other,
         };
         match opened {
-            Ok(file) => {
-                let key = FileKey::of_path(rel.as_path());
+            Ok((file, key)) => {
                 self.remember(rel.as_path(), &file, key, now);
                 Ok((file, key))
             }
@@ -104,6 +107,17 @@ impl FileTable {
                 Err(e)
             }
         }
+    }
+
+    /// Opens `rel` and describes it, with an ETag that tells it apart from another file served
+    /// from the same path with the same length and mtime.
+    fn describe(&self, root: &Root, rel: &RelPath) -> Result<(OpenFile, FileKey), OpenError> {
+        let (file, meta) = root.open_regular(rel)?;
+        let key = FileKey::of_path(rel.as_path());
+        let suffix = self
+            .identities
+            .observe(key, meta.len(), mtime_ns(&meta), identity_of(&meta));
+        Ok((OpenFile::new(file, &meta, rel, suffix), key))
     }
 
     fn remember(&self, path: &Path, file: &OpenFile, key: FileKey, now: u64) {

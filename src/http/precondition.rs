@@ -11,8 +11,10 @@ use std::time::SystemTime;
 pub struct Validators<'a> {
     /// The strong entity-tag, with its quotes: `"…"`.
     pub etag: &'a str,
-    /// Last modification time, already truncated to whole seconds as `Last-Modified` sends it.
-    pub last_modified: SystemTime,
+    /// Last modification time, already truncated to whole seconds as `Last-Modified` sends it;
+    /// `None` when the representation has none (then date conditions are ignored, §13.1.3,
+    /// §13.1.4, and a date `If-Range` never matches, §13.1.5).
+    pub last_modified: Option<SystemTime>,
 }
 
 /// The conditional fields of a GET or HEAD request, as received.
@@ -44,9 +46,11 @@ pub fn evaluate(c: &Conditions<'_>, v: &Validators<'_>) -> Verdict {
         if !if_match(field, v.etag) {
             return Verdict::PreconditionFailed;
         }
-    } else if let Some(date) = c.if_unmodified_since.and_then(parse_date) {
+    } else if let (Some(date), Some(lm)) =
+        (c.if_unmodified_since.and_then(parse_date), v.last_modified)
+    {
         // A date the recipient cannot parse is ignored (§13.1.4).
-        if v.last_modified > date {
+        if lm > date {
             return Verdict::PreconditionFailed;
         }
     }
@@ -55,8 +59,10 @@ pub fn evaluate(c: &Conditions<'_>, v: &Validators<'_>) -> Verdict {
         if !if_none_match(field, v.etag) {
             return Verdict::NotModified;
         }
-    } else if let Some(date) = c.if_modified_since.and_then(parse_date) {
-        if v.last_modified <= date {
+    } else if let (Some(date), Some(lm)) =
+        (c.if_modified_since.and_then(parse_date), v.last_modified)
+    {
+        if lm <= date {
             return Verdict::NotModified;
         }
     }
@@ -101,7 +107,7 @@ fn if_range(field: &str, v: &Validators<'_>) -> bool {
             _ => false,
         };
     }
-    parse_date(field).is_some_and(|date| date == v.last_modified)
+    parse_date(field).is_some_and(|date| Some(date) == v.last_modified)
 }
 
 fn parse_date(value: &str) -> Option<SystemTime> {
@@ -167,7 +173,7 @@ mod tests {
     fn v() -> Validators<'static> {
         Validators {
             etag: ETAG,
-            last_modified: httpdate::parse_http_date(LM).unwrap(),
+            last_modified: Some(httpdate::parse_http_date(LM).unwrap()),
         }
     }
 
@@ -177,6 +183,34 @@ mod tests {
 
     const GO: Verdict = Verdict::Proceed { honor_range: true };
     const WHOLE: Verdict = Verdict::Proceed { honor_range: false };
+
+    #[test]
+    fn without_a_last_modified_date_date_conditions_are_ignored_and_never_match() {
+        let v = Validators {
+            etag: ETAG,
+            last_modified: None,
+        };
+        for c in [
+            Conditions {
+                if_modified_since: Some(LM),
+                ..Default::default()
+            },
+            Conditions {
+                if_unmodified_since: Some(BEFORE),
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(evaluate(&c, &v), GO);
+        }
+        let date_if_range = Conditions {
+            if_range: Some(LM),
+            ..Default::default()
+        };
+        assert_eq!(
+            evaluate(&date_if_range, &v),
+            Verdict::Proceed { honor_range: false }
+        );
+    }
 
     #[test]
     fn conformance_table() {
@@ -425,7 +459,7 @@ mod tests {
         fn own_etag_always_matches(n in 0u64..u64::MAX, secs in 0u64..4_000_000_000) {
             let etag = format!("\"{n:x}\"");
             let lm = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
-            let v = Validators { etag: &etag, last_modified: lm };
+            let v = Validators { etag: &etag, last_modified: Some(lm) };
             let date = httpdate::fmt_http_date(lm);
             let conds = Conditions { if_match: Some(&etag), if_range: Some(&etag), ..Default::default() };
             prop_assert_eq!(evaluate(&conds, &v), GO);

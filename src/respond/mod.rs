@@ -12,7 +12,7 @@ use crate::http::response::Status;
 use crate::http::target::{self, RelPath, Route, TargetError};
 use crate::id::IdError;
 use crate::service::Service;
-use crate::session::{ConnectionHandle, Position, Resume, SessionError, SessionKey};
+use crate::session::{ConnectionHandle, Epoch, Position, Resume, SessionError, SessionKey};
 
 mod render;
 
@@ -35,11 +35,21 @@ impl From<SessionError> for RequestError {
     }
 }
 
+/// What the connection is still confirming: for a session, the epoch and end offset of the last
+/// body it sent (see `Sessions::resume`).
+pub type InFlight<'a> = &'a (dyn Fn(SessionKey) -> Option<(Epoch, u64)> + Sync);
+
+/// No body in flight (a fresh connection, benches, tests).
+pub fn nothing_in_flight(_: SessionKey) -> Option<(Epoch, u64)> {
+    None
+}
+
 /// Decides the response to `req` arriving on connection `conn`.
 pub async fn respond(
     svc: &Service,
     req: &Request,
     conn: &ConnectionHandle,
+    in_flight: InFlight<'_>,
 ) -> Result<Response, RequestError> {
     if req.method == Method::Other {
         return Err(RequestError::MethodNotAllowed);
@@ -56,7 +66,7 @@ pub async fn respond(
             }
             Ok(mint(svc, req.method == Method::Head))
         }
-        Route::File { id, path } => serve_file(svc, req, conn, id, &path).await,
+        Route::File { id, path } => serve_file(svc, req, conn, in_flight, id, &path).await,
     }
 }
 
@@ -64,6 +74,7 @@ async fn serve_file(
     svc: &Service,
     req: &Request,
     conn: &ConnectionHandle,
+    in_flight: InFlight<'_>,
     id: &str,
     rel: &RelPath,
 ) -> Result<Response, RequestError> {
@@ -105,7 +116,7 @@ async fn serve_file(
             };
             return declared(svc, conn, key, file, whole, head_only, Status::Ok).await;
         }
-        return resumed(svc, conn, key, file, head_only).await;
+        return resumed(svc, conn, key, file, head_only, in_flight(key)).await;
     };
     // A client resuming with Range but no If-Range (curl -C -, wget -c), or with a date in
     // If-Range, whose session began on another version of the file has a partial copy of that
@@ -171,6 +182,7 @@ async fn resumed(
     key: SessionKey,
     file: OpenFile,
     head_only: bool,
+    here: Option<(Epoch, u64)>,
 ) -> Result<Response, RequestError> {
     let version = file.session_version();
     let (offset, claim) = if head_only {
@@ -179,7 +191,11 @@ async fn resumed(
             Position::At(offset) => (offset, None),
         }
     } else {
-        match svc.sessions().resume(key, version, file.len, conn).await? {
+        match svc
+            .sessions()
+            .resume(key, version, file.len, conn, here)
+            .await?
+        {
             // Everything was confirmed: answer as curl and wget understand "already complete",
             // cheaply and never with the file again.
             Resume::Finished { length } => return Ok(finished(&file, length)),

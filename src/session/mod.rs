@@ -105,20 +105,51 @@ impl Sessions {
 
     /// A `GET` without `Range`: takes the session over from any other sender, reads where the
     /// client stands on `version` of a `length`-byte file, and begins there.
+    ///
+    /// `here`: the epoch and end offset of the last body this same connection sent for the
+    /// session, if one is still being confirmed (pipelined or back-to-back requests). The
+    /// connection delivers bytes in order, so the client gets all of that body before this
+    /// response, or neither if the connection dies: this response continues where that body
+    /// ends, under the same epoch (no new one: the earlier body's confirmations still count,
+    /// and the record never gets ahead of what was acknowledged).
     pub async fn resume(
         &self,
         key: SessionKey,
         version: u32,
         length: u64,
         conn: &ConnectionHandle,
+        here: Option<(Epoch, u64)>,
     ) -> Result<Resume, SessionError> {
         let sender = self.inner.owners.take_over(key, conn).await?;
-        match self.position(key, version, length).await? {
+        let record = self
+            .inner
+            .store
+            .get(key)
+            .await?
+            .filter(|r| r.version == version);
+        if let (Some(r), Some((epoch, end))) = (record, here) {
+            if r.epoch == epoch {
+                if end >= length {
+                    return Ok(Resume::Finished { length });
+                }
+                self.inner.store.end(&key, epoch, Ended::Sending);
+                return Ok(Resume::From(Claim::new(self, key, epoch, end, sender)));
+            }
+        }
+        match Self::position_of(record, length) {
             Position::Finished { length } => Ok(Resume::Finished { length }),
             Position::At(offset) => {
                 let epoch = self.inner.store.begin(key, version, offset).await?;
                 Ok(Resume::From(Claim::new(self, key, epoch, offset, sender)))
             }
+        }
+    }
+
+    fn position_of(record: Option<Record>, length: u64) -> Position {
+        match record {
+            Some(r) if r.offset >= length => Position::Finished { length },
+            Some(r) => Position::At(r.offset),
+            None => Position::At(0),
         }
     }
 
@@ -136,11 +167,7 @@ impl Sessions {
             .get(key)
             .await?
             .filter(|r| r.version == version);
-        Ok(match record {
-            Some(r) if r.offset >= length => Position::Finished { length },
-            Some(r) => Position::At(r.offset),
-            None => Position::At(0),
-        })
+        Ok(Self::position_of(record, length))
     }
 
     /// A download whose start the client declared (`Range: bytes=N-`, or a whole file that
