@@ -73,6 +73,35 @@ pub fn unacked_segments(fd: RawFd) -> io::Result<u32> {
     Ok(tcp_info(fd)?.0.tcpi_unacked)
 }
 
+/// Whether the peer has ended its side of the connection, from the TCP state (`tcpi_state`):
+/// a reset received moves the socket to `CLOSE`, a FIN received to `CLOSE_WAIT` (or, after our
+/// own FIN, `LAST_ACK`, `CLOSING` or `TIME_WAIT`). `None` if the kernel cannot tell.
+#[cfg(target_os = "linux")]
+pub fn peer_ended(fd: RawFd) -> Option<PeerEnd> {
+    // Linux's enum tcp_state (include/net/tcp_states.h).
+    const TCP_TIME_WAIT: u8 = 6;
+    const TCP_CLOSE: u8 = 7;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    const TCP_LAST_ACK: u8 = 9;
+    const TCP_CLOSING: u8 = 11;
+    let state = tcp_info(fd).ok()?.0.tcpi_state;
+    Some(match state {
+        TCP_CLOSE => PeerEnd::Reset,
+        TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_TIME_WAIT => PeerEnd::Closed,
+        _ => PeerEnd::Open,
+    })
+}
+
+/// What the peer did to its side of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerEnd {
+    Open,
+    /// It sent a FIN.
+    Closed,
+    /// It sent an RST (or the connection failed).
+    Reset,
+}
+
 /// The smoothed round-trip time the kernel keeps for the connection (`tcpi_rtt`).
 #[cfg(target_os = "linux")]
 pub fn smoothed_rtt(fd: RawFd) -> io::Result<std::time::Duration> {

@@ -506,7 +506,10 @@ fn client_plan(client: usize) -> Vec<Step> {
                 rng.gen_range(100..1500)
             });
             let (disruption, move_at) = match kind {
-                0..=24 => (Disruption::ResetAfter(at), None),
+                // The path breaks: the client sees a reset, the server only silence (a phone
+                // whose network vanished). A proxy that closed or reset its upstream would look
+                // like a client that went away, which roam answers with the whole file again.
+                0..=24 => (Disruption::CutAfter(at), None),
                 25..=44 => (Disruption::BlackholeAfter(at), None),
                 45..=59 => (
                     Disruption::StallFor {
@@ -603,6 +606,9 @@ struct Stats {
     declared: AtomicU64,
     moves: AtomicU64,
     repeated_bytes: AtomicU64,
+    /// Responses without `Range` that started over at byte 0 for a client that already had
+    /// bytes (a `200` after progress).
+    restarts: AtomicU64,
     max_gap: AtomicU64,
     /// Cuts (resets, stalls given up on, moves, cut heads) per client.
     cuts: Mutex<Vec<u64>>,
@@ -752,7 +758,7 @@ async fn download(
     let plan = client_plan(client);
     let proxy = {
         let plan = plan.clone();
-        DisruptiveProxy::start(server, move |i| {
+        DisruptiveProxy::start_roaming(server, move |i| {
             plan.get(i as usize)
                 .map_or(Disruption::None, |s| s.disruption)
         })
@@ -831,6 +837,9 @@ async fn download(
         stats
             .repeated_bytes
             .fetch_add(have.len() as u64 - start, Ordering::Relaxed);
+        if start == 0 && !have.is_empty() && declared.is_none() {
+            stats.restarts.fetch_add(1, Ordering::Relaxed);
+        }
 
         let mut pos = start;
         place(&mut have, &mut pos, len, &leftover);
@@ -957,13 +966,21 @@ async fn many_moving_clients_get_exact_files() {
         "moving clients: {CLIENTS} files exact in {took:?}; {} connections, {} of them \
          declared Range fills; {} moves; cuts per client: min {min_cuts}, mean {:.1}; \
          endings {endings:?}; gaps by how the connection before them ended {gaps:?} \
-         (largest {} bytes); repeated bytes {}",
+         (largest {} bytes); repeated bytes {}; restarts from 0 {}",
         stats.attempts.load(Ordering::Relaxed),
         stats.declared.load(Ordering::Relaxed),
         stats.moves.load(Ordering::Relaxed),
         total_cuts as f64 / CLIENTS as f64,
         stats.max_gap.load(Ordering::Relaxed),
         stats.repeated_bytes.load(Ordering::Relaxed),
+        stats.restarts.load(Ordering::Relaxed),
+    );
+    // Every break here is the network's (a vanished path, a stall, a client that moved while
+    // its old connection hung): each resume continues, none starts over.
+    assert_eq!(
+        stats.restarts.load(Ordering::Relaxed),
+        0,
+        "a client whose path broke was sent the whole file again"
     );
     assert!(min_cuts >= 1, "every client must be cut at least once");
     assert!(

@@ -31,6 +31,9 @@ const MTIME_NANOS: u32 = 123_456_789;
 
 /// A served file with the validators the server must report for it.
 struct Fixture {
+    /// Downloads interrupted the way a broken path interrupts them (see [`partial_get`]):
+    /// closed first when the fixture is dropped, so the server is not kept waiting on them.
+    hung: std::cell::RefCell<Vec<TcpStream>>,
     _root: Root,
     server: TestServer,
     path: PathBuf,
@@ -58,6 +61,7 @@ impl Fixture {
         set_mtime(&path, mtime);
         let server = TestServer::start_with(root.path(), tweak);
         Fixture {
+            hung: std::cell::RefCell::new(Vec::new()),
             etag: etag_for(len as u64, mtime),
             last_modified: httpdate::fmt_http_date(mtime),
             _root: root,
@@ -158,24 +162,18 @@ fn connect_small(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Sends a GET on a small-buffer connection, reads the head and `take` body bytes, and drops
-/// the connection (an abrupt end, as when a download is interrupted).
-fn partial_get(
-    addr: SocketAddr,
-    target: &str,
-    headers: &[&str],
-    take: usize,
-) -> (Response, Vec<u8>) {
-    let mut s = connect_small(addr);
+/// Sends a GET on a small-buffer connection, reads the head and `take` body bytes, and then
+/// stops: the connection is left open and unread, as a path that breaks leaves it (the server
+/// sees silence, not a close or a reset, and the client holds everything its TCP
+/// acknowledged). The next request without `Range` for the session takes it over; the fixture
+/// closes it when dropped.
+fn partial_get(fx: &Fixture, target: &str, headers: &[&str], take: usize) -> (Response, Vec<u8>) {
+    let mut s = connect_small(fx.addr());
     s.write_all(get_with(target, headers).as_bytes()).unwrap();
     let head = read_response(&mut s, true);
     let mut body = vec![0u8; take];
     s.read_exact(&mut body).expect("read partial body");
-    // Let the delayed ACKs for what was read go out first: closing with unread data sends an
-    // RST, and an ACK still held back by the client's kernel is then never sent, so the server
-    // would (rightly) count a few KiB less than the test read.
-    std::thread::sleep(Duration::from_millis(100));
-    drop(s);
+    fx.hung.borrow_mut().push(s);
     (head, body)
 }
 
@@ -1289,7 +1287,7 @@ fn open_ended_range_moves_the_session() {
     let target = fx.fresh_target();
 
     // A server-resumed download that breaks after 1 MiB.
-    let (h, got) = partial_get(fx.addr(), &target, &[], MIB);
+    let (h, got) = partial_get(&fx, &target, &[], MIB);
     assert_eq!(h.status, 200);
     assert_eq!(got, fx.data[..MIB]);
     let first = settled_offset(fx.addr(), &target, ">= 1 MiB", |o| o >= MIB as u64);
@@ -1300,12 +1298,7 @@ fn open_ended_range_moves_the_session() {
 
     // The client declares it holds 5 MiB and breaks again after 256 KiB more.
     let n = 5 * MIB;
-    let (h, got) = partial_get(
-        fx.addr(),
-        &target,
-        &[&format!("Range: bytes={n}-")],
-        256 * KIB,
-    );
+    let (h, got) = partial_get(&fx, &target, &[&format!("Range: bytes={n}-")], 256 * KIB);
     assert_eq!(h.status, 206);
     assert_eq!(
         h.header("content-range"),
@@ -1347,7 +1340,7 @@ fn bytes_0_dash_starts_over() {
     let fx = Fixture::new(8 * MIB, 21, mtime_at(MTIME_SECS, 0));
     let len = fx.data.len() as u64;
     let target = fx.fresh_target();
-    partial_get(fx.addr(), &target, &[], 3 * MIB);
+    partial_get(&fx, &target, &[], 3 * MIB);
     settled_offset(fx.addr(), &target, ">= 3 MiB", |o| o >= 3 * MIB as u64);
 
     // HEAD with bytes=0- is not a download: the session stays.
@@ -1357,7 +1350,7 @@ fn bytes_0_dash_starts_over() {
         o >= 3 * MIB as u64
     });
 
-    let (h, got) = partial_get(fx.addr(), &target, &["Range: bytes=0-"], 100 * KIB);
+    let (h, got) = partial_get(&fx, &target, &["Range: bytes=0-"], 100 * KIB);
     assert_eq!(h.status, 206);
     assert_eq!(
         h.header("content-range"),
@@ -1379,7 +1372,7 @@ fn bytes_0_dash_starts_over() {
 fn other_ranges_leave_the_session_alone() {
     let fx = Fixture::new(8 * MIB, 22, mtime_at(MTIME_SECS, 0));
     let target = fx.fresh_target();
-    partial_get(fx.addr(), &target, &[], MIB);
+    partial_get(&fx, &target, &[], MIB);
     let at = settled_offset(fx.addr(), &target, ">= 1 MiB", |o| o >= MIB as u64);
     let (seventeen, _) = disjoint(17);
     let requests: Vec<(String, u16)> = vec![
@@ -1468,7 +1461,7 @@ fn session_on_changed_file_at(
 ) -> (Fixture, String, String, usize) {
     let mut fx = Fixture::new(4 * MIB, seed, mtime_at(v1_mtime.0, v1_mtime.1));
     let target = fx.fresh_target();
-    let (h, got) = partial_get(fx.addr(), &target, &[], MIB);
+    let (h, got) = partial_get(&fx, &target, &[], MIB);
     assert_eq!(h.status, 200);
     assert_eq!(h.header("etag"), Some(fx.etag.as_str()));
     assert_eq!(got, fx.data[..MIB]);
@@ -1549,7 +1542,7 @@ fn changed_file_with_range_but_no_if_range_sends_the_whole_new_file() {
 fn unchanged_file_with_range_but_no_if_range_resumes() {
     let fx = Fixture::new(4 * MIB, 33, mtime_at(V1_MTIME.0, V1_MTIME.1));
     let target = fx.fresh_target();
-    partial_get(fx.addr(), &target, &[], MIB);
+    partial_get(&fx, &target, &[], MIB);
     settled_offset(fx.addr(), &target, ">= 1 MiB", |o| o >= MIB as u64);
     let r = request(
         fx.addr(),

@@ -180,6 +180,34 @@ async fn proxy_reset_delivers_exactly_n_then_econnreset() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_cut_resets_the_client_and_leaves_the_upstream_silent() {
+    let n = 70_000usize;
+    let (upstream, mut events) = bulk_upstream(MIB).await;
+    let proxy = DisruptiveProxy::start(upstream, move |_| Disruption::CutAfter(n as u64));
+    let mut c = request(proxy.addr()).await;
+    let (data, err) = read_to_end_or_error(&mut c, Duration::from_secs(5)).await;
+    assert_eq!(data.len(), n);
+    assert!(data == pattern(n), "payload corrupted");
+    assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::ConnectionReset));
+    // The upstream's connection stays open: no close, no reset, while the proxy lives.
+    let quiet = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let UpstreamEvent::PeerClosed { .. } = next_event(&mut events).await {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(quiet.is_err(), "the upstream saw its connection end");
+    proxy.shutdown();
+    loop {
+        if let UpstreamEvent::PeerClosed { .. } = next_event(&mut events).await {
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_reset_waits_for_a_slow_reader() {
     // The client does not read for a while, so most of the N bytes are still
     // queued in the proxy when the offset is reached; a premature RST would

@@ -26,25 +26,35 @@ enum Lingered {
     Done,
     /// A takeover arrived while we waited: close with a reset instead.
     TakenOver,
+    /// The peer reset the connection while we waited.
+    PeerReset,
 }
 
 impl Connection {
     /// Ends the connection: records final progress, closes the socket, and only then releases
     /// the sessions it owned, so a successor never starts while this socket can still send.
+    /// What the sessions record about how their sender ended comes from `end` and, before our
+    /// own reset, from what the peer did to the socket: a reset or close that arrived while a
+    /// takeover was deciding is still the peer's doing.
     pub(super) async fn close(mut self, end: Ending) {
         let mut end = end;
         match end.close() {
-            Close::Orderly => {
-                if self.linger().await == Lingered::TakenOver {
+            Close::Orderly => match self.linger().await {
+                Lingered::Done => {}
+                Lingered::PeerReset => {
+                    end = Ending::PeerReset(io::ErrorKind::ConnectionReset.into())
+                }
+                Lingered::TakenOver => {
                     // A successor is waiting: bytes still queued must not reach the peer after
                     // the offset we record.
                     self.await_final_acks().await;
+                    end = self.unless_peer_left(Ending::TakenOver);
                     self.reset_on_close();
-                    end = Ending::TakenOver;
                 }
-            }
+            },
             Close::Abort => {
                 self.await_final_acks().await;
+                end = self.unless_peer_left(end);
                 self.reset_on_close();
                 tracing::debug!(peer = %self.peer, why = %end.describe(), "connection aborted");
             }
@@ -55,13 +65,29 @@ impl Connection {
         }
         self.settle();
         let ended = end.session_end();
+        let peer_reset = matches!(end, Ending::PeerReset(_));
         let Connection {
             stream,
             mut deliveries,
             ..
         } = self;
         drop(stream);
-        deliveries.finish_all(ended);
+        deliveries.finish_all(ended, peer_reset);
+    }
+
+    /// `end`, unless the peer had already reset its side (its RST arrived while the connection
+    /// was stopping for another reason): then the peer ended it. The pending socket error tells
+    /// a reset that followed the peer's FIN (`EPIPE`: it closed after reading) from one that did
+    /// not (`ECONNRESET`).
+    fn unless_peer_left(&self, end: Ending) -> Ending {
+        #[cfg(target_os = "linux")]
+        if sys::peer_ended(self.fd) == Some(sys::PeerEnd::Reset) {
+            return match self.stream.take_error() {
+                Ok(Some(e)) => Ending::from_io(e),
+                _ => Ending::PeerReset(io::ErrorKind::ConnectionReset.into()),
+            };
+        }
+        end
     }
 
     /// `SO_LINGER` 0: the close sends an RST and discards the send queue, so not one more byte
@@ -128,11 +154,15 @@ impl Connection {
             self.settle();
             let now = Instant::now();
             // A reset peer will acknowledge nothing more (behind a proxy, a FIN then an RST is
-            // normal), so stop waiting as soon as the socket reports an error.
-            let awaiting_acks = self.deliveries.pending()
-                && now < ack_deadline
-                && !self.all_delivered()
-                && !matches!(self.stream.take_error(), Ok(Some(_)));
+            // normal), so stop waiting as soon as the socket reports an error. `EPIPE` is a reset
+            // after the peer's FIN: it had read what it acknowledged.
+            match self.stream.take_error() {
+                Ok(Some(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Lingered::Done,
+                Ok(Some(_)) => return Lingered::PeerReset,
+                _ => {}
+            }
+            let awaiting_acks =
+                self.deliveries.pending() && now < ack_deadline && !self.all_delivered();
             if !awaiting_acks && (peer_done || now >= read_deadline) {
                 return Lingered::Done;
             }
@@ -152,12 +182,15 @@ impl Connection {
                 }
                 r = self.stream.readable(), if !peer_done => {
                     if r.is_err() {
-                        return Lingered::Done;
+                        return Lingered::PeerReset;
                     }
                     match self.stream.try_read(&mut scratch) {
                         Ok(0) => peer_done = true,
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                            return Lingered::PeerReset
+                        }
                         Err(_) => return Lingered::Done,
                     }
                 }

@@ -18,9 +18,13 @@ pub enum Ending {
     /// The file being sent shrank, was rewritten in place, or could not be read: sending more
     /// would splice two versions.
     FileChanged(&'static str),
-    /// The peer closed its side (a FIN) while a body was still being sent.
+    /// The peer closed its side (a FIN) while a body was still being sent, or reset the
+    /// connection after that FIN (Linux reports `EPIPE` for a reset that follows the peer's
+    /// FIN). A socket closed with unread bytes sends a reset, not a FIN, so a FIN means the
+    /// client had read everything its TCP acknowledged: resuming from there is exact.
     PeerClosed,
-    /// The peer reset the connection (`ECONNRESET`, `EPIPE`, `ECONNABORTED`).
+    /// The peer reset the connection without closing it first (`ECONNRESET`, `ECONNABORTED`):
+    /// the client's process died or closed with bytes unread, and what it kept is unknown.
     PeerReset(io::Error),
     /// The socket made no progress for `--write-stall-timeout`.
     Stalled,
@@ -47,7 +51,8 @@ impl Ending {
     pub fn from_io(e: io::Error) -> Ending {
         use io::ErrorKind::*;
         match e.kind() {
-            ConnectionReset | BrokenPipe | ConnectionAborted => Ending::PeerReset(e),
+            ConnectionReset | ConnectionAborted => Ending::PeerReset(e),
+            BrokenPipe => Ending::PeerClosed,
             _ => Ending::NetworkFailed(e),
         }
     }
@@ -61,15 +66,17 @@ impl Ending {
     }
 
     /// What the record of a session whose body this connection had not finished says about how
-    /// its sender ended: the network (the client is alive and holds what it acknowledged), or
-    /// the peer (it went away with bytes unread or in flight).
+    /// its sender ended: the network (the client holds everything its TCP acknowledged: it is
+    /// alive, or it closed after reading), or the peer (it reset the connection, so bytes may
+    /// have died unread in its socket buffer).
     pub fn session_end(&self) -> Ended {
         match self {
-            Ending::PeerClosed | Ending::PeerReset(_) => Ended::Peer,
+            Ending::PeerReset(_) => Ended::Peer,
             Ending::Done
             | Ending::Shutdown
             | Ending::TakenOver
             | Ending::FileChanged(_)
+            | Ending::PeerClosed
             | Ending::Stalled
             | Ending::NetworkFailed(_) => Ended::Network,
         }
@@ -99,8 +106,9 @@ mod tests {
         let reset = Ending::from_io(io::Error::from(io::ErrorKind::ConnectionReset));
         assert_eq!(reset.session_end(), Ended::Peer);
         assert_eq!(reset.close(), Close::Reset);
+        // A reset after the peer's FIN: it had read everything it acknowledged.
         let pipe = Ending::from_io(io::Error::from(io::ErrorKind::BrokenPipe));
-        assert_eq!(pipe.session_end(), Ended::Peer);
+        assert_eq!(pipe.session_end(), Ended::Network);
         let timeout = Ending::from_io(io::Error::from(io::ErrorKind::TimedOut));
         assert_eq!(timeout.session_end(), Ended::Network);
         assert_eq!(Ending::TakenOver.close(), Close::Abort);

@@ -225,7 +225,16 @@ impl Connection {
                         self.buf.reserve(READ_CHUNK);
                     }
                     match self.stream.try_read_buf(&mut self.buf) {
-                        Ok(0) => return Err(ReadEnd::End(Ending::Done)),
+                        Ok(0) => {
+                            // The peer closed its side. With a body still unconfirmed, it
+                            // left while bytes were in flight.
+                            self.settle();
+                            return Err(ReadEnd::End(if self.deliveries.pending() {
+                                Ending::PeerClosed
+                            } else {
+                                Ending::Done
+                            }));
+                        }
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Err(ReadEnd::End(Ending::from_io(e))),

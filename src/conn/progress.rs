@@ -9,8 +9,9 @@
 //! send queue, packets in flight and the peer's receive window sit between, and a client that
 //! vanished mid-download would otherwise be resumed past a gap.
 
-use crate::session::{Claim, Ended, Epoch, SessionKey};
+use crate::session::{Claim, Delivered, Ended, Epoch, SessionKey};
 use crate::sys::AckCounter;
+use std::collections::VecDeque;
 
 /// Where one response body sits in the connection's outgoing byte stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,12 +94,19 @@ struct Tracked {
     len: u64,
 }
 
+/// Bodies wholly acknowledged that a later reset by the peer would take back: at most this many,
+/// the newest (a client's unread bytes are the last ones it was sent).
+const DELIVERED_KEPT: usize = 64;
+
 /// Everything a connection wrote, and its tracked bodies until each is confirmed.
 #[derive(Debug)]
 pub struct Deliveries {
     ledger: Ledger,
     bodies: Vec<Tracked>,
     next_id: u64,
+    /// The newest bodies wholly acknowledged on this connection: if the peer resets it, their
+    /// bytes may have died unread in its socket buffer.
+    delivered: VecDeque<Delivered>,
 }
 
 impl Deliveries {
@@ -107,6 +115,7 @@ impl Deliveries {
             ledger: Ledger::new(at_accept),
             bodies: Vec::new(),
             next_id: 0,
+            delivered: VecDeque::new(),
         }
     }
 
@@ -184,17 +193,28 @@ impl Deliveries {
             let confirmed = t.span.confirmed(delivered);
             t.claim.record(t.claim.start() + confirmed);
             if confirmed >= t.len {
-                self.bodies.remove(i).claim.finish(Ended::Clean);
+                if self.delivered.len() == DELIVERED_KEPT {
+                    self.delivered.pop_front();
+                }
+                self.delivered
+                    .push_back(self.bodies.remove(i).claim.delivered());
             } else {
                 i += 1;
             }
         }
     }
 
-    /// Finishes every body still pending, recording how its sender ended.
-    pub fn finish_all(&mut self, ended: Ended) {
+    /// Finishes every body still pending, recording how its sender ended; if the peer reset
+    /// the connection, the bodies it acknowledged whole are no longer cleanly finished either.
+    pub fn finish_all(&mut self, ended: Ended, peer_reset: bool) {
         for t in self.bodies.drain(..) {
             t.claim.finish(ended);
+        }
+        let delivered = std::mem::take(&mut self.delivered);
+        if peer_reset {
+            for d in delivered {
+                d.peer_reset();
+            }
         }
     }
 }

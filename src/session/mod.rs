@@ -145,8 +145,13 @@ impl Sessions {
         }
     }
 
+    /// Where a download without `Range` starts given the record: where the client's TCP left
+    /// off, only if its last sender ended because of the network, the server, or cleanly. If
+    /// the peer went away (closed or reset with bytes unread or in flight), what it kept is
+    /// unknown: the whole file again, from 0 (a repeat the `200` announces, never a gap).
     fn position_of(record: Option<Record>, length: u64) -> Position {
         match record {
+            Some(r) if r.ended == Ended::Peer => Position::At(0),
             Some(r) if r.offset >= length => Position::Finished { length },
             Some(r) => Position::At(r.offset),
             None => Position::At(0),
@@ -272,6 +277,39 @@ impl Claim {
     /// Ends the claim: records how the sender ended, then releases the session.
     pub fn finish(mut self, ended: Ended) {
         self.ended = Some(ended);
+    }
+
+    /// Ends the claim of a body the client acknowledged whole, and keeps what is needed to
+    /// take that back: if the connection is later reset by the peer, the body may have died
+    /// unread in the client's socket buffer (see [`Delivered::peer_reset`]).
+    pub fn delivered(self) -> Delivered {
+        let d = Delivered {
+            sessions: self.sessions.clone(),
+            key: self.key,
+            epoch: self.epoch,
+        };
+        self.finish(Ended::Clean);
+        d
+    }
+}
+
+/// A body wholly acknowledged on a connection that is still open.
+#[derive(Debug)]
+pub struct Delivered {
+    sessions: Sessions,
+    key: SessionKey,
+    epoch: Epoch,
+}
+
+impl Delivered {
+    /// The connection was reset by the peer afterwards: what it acknowledged may be unread and
+    /// lost, so the session no longer counts as cleanly finished (unless another sender began
+    /// since).
+    pub fn peer_reset(self) {
+        self.sessions
+            .inner
+            .store
+            .end(&self.key, self.epoch, Ended::Peer);
     }
 }
 

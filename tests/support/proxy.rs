@@ -31,6 +31,11 @@ pub enum Disruption {
     /// After N downstream bytes stop forwarding in both directions, but keep
     /// both sockets open until the client closes or the proxy goes away.
     BlackholeAfter(u64),
+    /// The path breaks: deliver exactly N downstream bytes and RST the client
+    /// (as `ResetAfter`), but leave the upstream connection open and unread,
+    /// as a server sees a phone whose network vanished: no FIN, no RST, only
+    /// silence, until the server gives up on it or the proxy goes away.
+    CutAfter(u64),
     /// After `after` downstream bytes pause both directions for `duration`,
     /// then carry on as if nothing happened.
     StallFor { after: u64, duration: Duration },
@@ -40,7 +45,9 @@ impl Disruption {
     fn offset(&self) -> Option<u64> {
         match *self {
             Disruption::None => None,
-            Disruption::ResetAfter(n) | Disruption::BlackholeAfter(n) => Some(n),
+            Disruption::ResetAfter(n) | Disruption::BlackholeAfter(n) | Disruption::CutAfter(n) => {
+                Some(n)
+            }
             Disruption::StallFor { after, .. } => Some(after),
         }
     }
@@ -85,11 +92,32 @@ impl DisruptiveProxy {
         Self::try_start_on((Ipv4Addr::LOCALHOST, 0).into(), upstream, plan)
     }
 
+    /// A proxy for roaming clients: whatever happens on the client's side (a disruption, the
+    /// client closing or resetting its connection), the upstream sees no FIN and no RST from
+    /// the proxy, only silence, as a server sees a phone whose old path vanished. The upstream
+    /// connection stays open, unread, until the upstream ends it or the proxy goes away.
+    pub fn start_roaming(
+        upstream: SocketAddr,
+        plan: impl Fn(u64) -> Disruption + Send + Sync + 'static,
+    ) -> DisruptiveProxy {
+        Self::start_with((Ipv4Addr::LOCALHOST, 0).into(), upstream, plan, true)
+            .unwrap_or_else(|e| panic!("DisruptiveProxy: cannot bind 127.0.0.1:0: {e}"))
+    }
+
     /// Like [`DisruptiveProxy::try_start`], listening on `listen` (port 0 picks a free port).
     pub fn try_start_on(
         listen: SocketAddr,
         upstream: SocketAddr,
         plan: impl Fn(u64) -> Disruption + Send + Sync + 'static,
+    ) -> io::Result<DisruptiveProxy> {
+        Self::start_with(listen, upstream, plan, false)
+    }
+
+    fn start_with(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        plan: impl Fn(u64) -> Disruption + Send + Sync + 'static,
+        silent_upstream: bool,
     ) -> io::Result<DisruptiveProxy> {
         // Bind with std so start() can stay synchronous for callers.
         let std_listener = std::net::TcpListener::bind(listen)?;
@@ -102,6 +130,7 @@ impl DisruptiveProxy {
             upstream,
             Arc::new(plan),
             counters.clone(),
+            silent_upstream,
         ));
         Ok(DisruptiveProxy {
             addr,
@@ -156,6 +185,7 @@ async fn accept_loop(
     upstream: SocketAddr,
     plan: Plan,
     counters: Arc<Counters>,
+    silent_upstream: bool,
 ) {
     let mut conns = JoinSet::new();
     loop {
@@ -169,7 +199,13 @@ async fn accept_loop(
         };
         let index = counters.connections.fetch_add(1, Ordering::SeqCst);
         let disruption = plan(index);
-        conns.spawn(serve(client, upstream, disruption, counters.clone()));
+        conns.spawn(serve(
+            client,
+            upstream,
+            disruption,
+            counters.clone(),
+            silent_upstream,
+        ));
         while conns.try_join_next().is_some() {}
     }
 }
@@ -202,6 +238,7 @@ enum End {
     /// Both directions finished (EOF or error): just close.
     Done,
     Reset,
+    Cut,
     Blackhole {
         /// Such a client already reads as "read side closed", so only a
         /// hangup or error (or the proxy going away) can end the blackhole.
@@ -214,6 +251,7 @@ async fn serve(
     upstream: SocketAddr,
     disruption: Disruption,
     counters: Arc<Counters>,
+    silent_upstream: bool,
 ) {
     let Ok(mut server) = TcpStream::connect(upstream).await else {
         return;
@@ -229,7 +267,7 @@ async fn serve(
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.split();
         let down = pump_down(&mut sr, &mut cw, disruption, &counters, &stalled_tx);
-        let up = pump_up(&mut cr, &mut sw, &counters, stalled_rx);
+        let up = pump_up(&mut cr, &mut sw, &counters, stalled_rx, silent_upstream);
         tokio::pin!(down, up);
         let (mut down_done, mut up_done) = (false, false);
         loop {
@@ -238,6 +276,7 @@ async fn serve(
                     Down::Eof => down_done = true,
                     Down::Abort => break End::Done,
                     Down::Reset => break End::Reset,
+                    Down::Cut => break End::Cut,
                     Down::Blackhole => break End::Blackhole { client_half_closed: up_done },
                 },
                 u = &mut up, if !up_done => match u {
@@ -252,6 +291,23 @@ async fn serve(
         }
     };
 
+    if silent_upstream {
+        // Whatever ended the client's side, the server hears nothing: let it find out on its
+        // own (a takeover, a write stall) or hold the connection until the proxy goes away.
+        match end {
+            End::Reset | End::Cut => {
+                wait_until_acked(&client).await;
+                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            }
+            End::Blackhole { client_half_closed } => {
+                wait_client_gone(&client, !client_half_closed).await;
+            }
+            End::Done => {}
+        }
+        drop(client);
+        wait_client_gone(&server, false).await;
+        return;
+    }
     match end {
         End::Done => {}
         End::Reset => {
@@ -265,6 +321,14 @@ async fn serve(
             // the drop may still RST if upstream bytes beyond N sit unread.
             let _ = server.shutdown().await;
         }
+        End::Cut => {
+            wait_until_acked(&client).await;
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            drop(client);
+            // The upstream sees nothing more: its bytes stay unread until it gives up (a
+            // takeover or a write stall resets it) or the proxy is shut down.
+            wait_client_gone(&server, false).await;
+        }
         End::Blackhole { client_half_closed } => {
             // Leave the client's bytes unread so its writes eventually block,
             // as they would on a path that silently stopped delivering.
@@ -277,6 +341,7 @@ enum Down {
     Eof,
     Abort,
     Reset,
+    Cut,
     Blackhole,
 }
 
@@ -305,6 +370,7 @@ async fn pump_down(
                 pending = None;
                 match disruption {
                     Disruption::ResetAfter(_) => return Down::Reset,
+                    Disruption::CutAfter(_) => return Down::Cut,
                     Disruption::BlackholeAfter(_) => return Down::Blackhole,
                     Disruption::StallFor { duration, .. } => {
                         stalled.send_replace(true);
@@ -343,6 +409,7 @@ async fn pump_up(
     to: &mut WriteHalf<'_>,
     counters: &Counters,
     mut stalled: watch::Receiver<bool>,
+    silent_upstream: bool,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -352,6 +419,10 @@ async fn pump_up(
         let n = from.read(&mut buf).await?;
         let _ = stalled.wait_for(|s| !*s).await;
         if n == 0 {
+            if silent_upstream {
+                // A roaming client's close never reaches the server: keep the upstream open.
+                return Ok(());
+            }
             return to.shutdown().await;
         }
         to.write_all(&buf[..n]).await?;
