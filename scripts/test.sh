@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Runs roam's whole test suite, first installing the real tools the tests drive (curl, wget,
-# aria2c, nginx, ip, prlimit, setpriv, mkfifo), then fuzzes the request parser and router for a
-# minute (scripts/fuzz.sh installs cargo-fuzz). Tests that need a tool fail under CI=true when it
-# is missing, so this script is what makes a fresh machine able to pass.
+# wget2, aria2c, lftp, axel, httpie, python3, nginx, ip, prlimit, setpriv, mkfifo), then fuzzes
+# the request parser and router for a minute (scripts/fuzz.sh installs cargo-fuzz). Tests that
+# need a tool fail under CI=true when it is missing, so this script is what makes a fresh machine
+# able to pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v wget >/dev/null || missing+=(wget)
+command -v wget2 >/dev/null || missing+=(wget2)
 command -v aria2c >/dev/null || missing+=(aria2)
+command -v lftp >/dev/null || missing+=(lftp)
+command -v axel >/dev/null || missing+=(axel)
+command -v http >/dev/null || missing+=(httpie)
+command -v python3 >/dev/null || missing+=(python3)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
 command -v prlimit >/dev/null || missing+=(util-linux)
