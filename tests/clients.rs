@@ -112,18 +112,26 @@ fn exchanges(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Where `got` departs from `want`.
+/// Where `got` departs from `want`, and where in `want` the bytes from there on come from.
 fn difference(got: &[u8], want: &[u8]) -> String {
     let first = got
         .iter()
         .zip(want)
         .position(|(a, b)| a != b)
         .unwrap_or(got.len().min(want.len()));
-    format!(
+    let mut s = format!(
         "{} bytes, want {}; first difference at byte {first}",
         got.len(),
         want.len()
-    )
+    );
+    if let Some(probe) = got.get(first..first + 64) {
+        if let Some(src) = want.windows(64).position(|w| w == probe) {
+            s.push_str(&format!(
+                "; from there on it holds the file's bytes from {src}"
+            ));
+        }
+    }
+    s
 }
 
 /// The `roam` binary serving a folder, logging each response's status (`RUST_LOG=roam=debug`)
@@ -320,7 +328,7 @@ impl Case {
 struct Client {
     /// The program (for `have`).
     program: &'static str,
-    /// How the file is large: `LEN` with a rate limit, `FAST_LEN` without.
+    /// The served file's size: `LEN` for a rate-limited client, `FAST_LEN` for one without.
     len: usize,
     seed: u64,
     /// The command with its resume option; `Some(rate)` adds the tool's rate limit (bytes/s).
