@@ -4,8 +4,11 @@
 use anyhow::Context;
 use clap::Parser;
 use roam::service::Service;
+use roam::session::clock::SessionClock;
+use roam::session::disk::{self, DiskBackend};
+use roam::session::{Sessions, Store};
 use roam::settings::cli::{Cli, Command, GetArgs, RuntimeMode, ServeArgs};
-use roam::settings::{Config, LogFormat};
+use roam::settings::{Config, LogFormat, StoreKind};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -16,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Get(args) => return get(args),
     };
     match result {
@@ -35,19 +38,135 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let config = args.into_config()?;
+    let mut config = args.into_config()?;
     init_tracing(log_format);
     if let Err(e) = roam::sys::raise_fd_limit() {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
+    let prepared = prepare_sessions(&mut config)?;
     match mode {
-        RuntimeMode::MultiThread => serve_multi_thread(config, workers),
-        RuntimeMode::PerCore => serve_per_core(config, workers),
+        RuntimeMode::MultiThread => serve_multi_thread(config, prepared, workers),
+        RuntimeMode::PerCore => serve_per_core(config, prepared, workers),
+    }
+}
+
+/// The session store, ready before the listener exists: with the disk store, the state
+/// directory is claimed (created, checked, locked) and the ID secret read or made, so a bad
+/// directory stops the start with one line naming it. The store itself opens in the background.
+struct Prepared {
+    sessions: Sessions,
+    disk: Option<DiskBackend>,
+    /// Set (with the reason) when the store cannot be opened: the server stops.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+    fatal: CancellationToken,
+}
+
+fn prepare_sessions(config: &mut Config) -> anyhow::Result<Prepared> {
+    let (sessions, disk) = match config.store {
+        StoreKind::Memory => {
+            let store = Store::memory(
+                config.max_sessions,
+                config.session_ttl,
+                Arc::new(SessionClock::default()),
+            );
+            (Sessions::new(store), None)
+        }
+        StoreKind::Disk => {
+            let dir = &config.state_dir;
+            let lock = disk::claim_state_dir(dir)?;
+            if config.id_secret.is_none() {
+                config.id_secret =
+                    Some(roam::id::secret_in(dir).with_context(|| {
+                        format!("cannot keep the ID secret in {}", dir.display())
+                    })?);
+            }
+            let clock = Arc::new(SessionClock::new(disk::stored_time(dir)));
+            let backend = DiskBackend::open(
+                dir,
+                lock,
+                config.session_ttl,
+                config.max_sessions,
+                clock.clone(),
+            );
+            let store = Store::with_backend(
+                Arc::new(backend.clone()),
+                config.max_sessions,
+                config.session_ttl,
+                clock,
+                config.flush_interval,
+            );
+            (Sessions::new(store), Some(backend))
+        }
+    };
+    Ok(Prepared {
+        sessions,
+        disk,
+        failed: Arc::new(std::sync::Mutex::new(None)),
+        fatal: CancellationToken::new(),
+    })
+}
+
+impl Prepared {
+    /// Watches the store's background open: logs what it found, or stops the server. Digests
+    /// are kept in the store from then on.
+    fn watch_store(&self, svc: &Service) {
+        let Some(disk) = self.disk.clone() else {
+            return;
+        };
+        svc.digests().keep_in(Arc::new(disk.clone()));
+        let (failed, fatal) = (Arc::clone(&self.failed), self.fatal.clone());
+        tokio::spawn(async move {
+            match disk.ready().await {
+                Ok(r) => {
+                    if let Some((stored, marked)) = r.lost_batches {
+                        tracing::error!(
+                            stored,
+                            marked,
+                            "the session store holds fewer batches than it had written (a damaged \
+                             journal): its records may be older than what clients acknowledged \
+                             since, so none of them resumes without Range (each starts over)"
+                        );
+                    }
+                    tracing::info!(
+                        sessions = r.sessions,
+                        opened_in = ?r.opened_in,
+                        after_crash = r.after_crash,
+                        "session store open"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the session store cannot be opened; stopping");
+                    if let Ok(mut f) = failed.lock() {
+                        *f = Some(e.to_string());
+                    }
+                    fatal.cancel();
+                }
+            }
+        });
+    }
+
+    /// The shutdown future: a signal, or a store that cannot be opened.
+    fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let fatal = self.fatal.clone();
+        async move {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                () = fatal.cancelled() => {}
+            }
+        }
+    }
+
+    /// An error if the server stopped because the store could not be opened.
+    fn outcome(&self) -> anyhow::Result<()> {
+        match self.failed.lock().ok().and_then(|f| f.clone()) {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok(()),
+        }
     }
 }
 
 /// One work-stealing runtime with `workers` threads and one listener.
-fn serve_multi_thread(config: Config, workers: usize) -> anyhow::Result<()> {
+fn serve_multi_thread(config: Config, prepared: Prepared, workers: usize) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -57,11 +176,12 @@ fn serve_multi_thread(config: Config, workers: usize) -> anyhow::Result<()> {
         let listener = roam::server::bind(config.listen, config.backlog)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let svc = Service::new(config)?;
+        let svc = Service::with_sessions(config, prepared.sessions.clone())?;
         announce(addr, &svc, workers, RuntimeMode::MultiThread)?;
-        roam::server::run(listener, svc, shutdown_signal()).await;
+        prepared.watch_store(&svc);
+        roam::server::run(listener, svc, prepared.shutdown()).await;
         tracing::info!("stopped");
-        Ok::<(), anyhow::Error>(())
+        prepared.outcome()
     });
     // Connections already had `shutdown_timeout`; blocking-pool work (a digest mid-chunk, a file
     // read) gets one more second, not another full timeout.
@@ -72,7 +192,7 @@ fn serve_multi_thread(config: Config, workers: usize) -> anyhow::Result<()> {
 /// One single-threaded runtime per worker, each with its own `SO_REUSEPORT` listener on the same
 /// address, sharing one service. No work stealing: each connection stays on the thread that
 /// accepted it.
-fn serve_per_core(config: Config, workers: usize) -> anyhow::Result<()> {
+fn serve_per_core(config: Config, prepared: Prepared, workers: usize) -> anyhow::Result<()> {
     let first = roam::server::bind_std(config.listen, config.backlog, true)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = first.local_addr()?;
@@ -83,8 +203,9 @@ fn serve_per_core(config: Config, workers: usize) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot add a listener on {addr}"))?,
         );
     }
-    let svc = Service::new(config)?;
+    let svc = Service::with_sessions(config, prepared.sessions.clone())?;
     announce(addr, &svc, workers, RuntimeMode::PerCore)?;
+    let prepared = Arc::new(prepared);
     let share = svc.config().max_connections.div_ceil(workers).max(1);
     let stop = CancellationToken::new();
     let threads = listeners
@@ -93,6 +214,7 @@ fn serve_per_core(config: Config, workers: usize) -> anyhow::Result<()> {
         .map(|(i, listener)| {
             let svc = Arc::clone(&svc);
             let stop = stop.clone();
+            let prepared = Arc::clone(&prepared);
             std::thread::Builder::new()
                 .name(format!("roam-worker-{i}"))
                 .spawn(move || -> anyhow::Result<()> {
@@ -103,9 +225,11 @@ fn serve_per_core(config: Config, workers: usize) -> anyhow::Result<()> {
                     runtime.block_on(async move {
                         let listener = tokio::net::TcpListener::from_std(listener)?;
                         if i == 0 {
+                            prepared.watch_store(&svc);
                             let stop = stop.clone();
+                            let shutdown = prepared.shutdown();
                             tokio::spawn(async move {
-                                shutdown_signal().await;
+                                shutdown.await;
                                 stop.cancel();
                             });
                         }
@@ -134,7 +258,7 @@ fn serve_per_core(config: Config, workers: usize) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopped");
-    result
+    result.and(prepared.outcome())
 }
 
 /// Prints the one line scripts wait for, and logs the effective configuration.
@@ -169,6 +293,9 @@ fn announce(
         implicit_resume = cfg.implicit_resume,
         mint_rate = ?cfg.mint_rate,
         persistent_ids = cfg.id_secret.is_some(),
+        store = ?cfg.store,
+        state_dir = %cfg.state_dir.display(),
+        flush_interval = ?cfg.flush_interval,
         "serving"
     );
     Ok(())
@@ -211,8 +338,10 @@ fn get(args: GetArgs) -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
+    // The store engine logs its own housekeeping at info; only its warnings matter to an
+    // operator.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -216,6 +216,24 @@ pub fn open_beneath(root: RawFd, relative: &std::ffi::CStr) -> io::Result<Option
     Ok(Some(unsafe { OwnedFd::from_raw_fd(rc as RawFd) }))
 }
 
+/// Bytes available to this process on the file system holding `path` (`statvfs`: free blocks
+/// for unprivileged users times the fragment size).
+#[cfg(unix)]
+pub fn free_space(path: &std::path::Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is NUL-terminated and `st` is a writable statvfs that outlives the call.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised plain C struct, filled by a successful statvfs.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// The soft open-file limit, if there is one.
 #[cfg(unix)]
 pub fn fd_limit() -> Option<u64> {

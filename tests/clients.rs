@@ -140,6 +140,8 @@ struct Server {
     addr: SocketAddr,
     log: PathBuf,
     _child: KillOnDrop,
+    /// The server's state directory (sessions on disk, the ID secret).
+    _state: tempfile::TempDir,
 }
 
 impl Server {
@@ -147,12 +149,20 @@ impl Server {
     /// The idle timeout is short because aria2c waits for the server to close a finished
     /// keep-alive connection.
     fn start(root: &Path, log: PathBuf) -> Server {
+        let state = tempfile::tempdir().unwrap();
         let mut child = KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_roam"))
                 .arg("serve")
                 .arg("--root")
                 .arg(root)
-                .args(["--listen", "127.0.0.1:0", "--idle-timeout", "2s"])
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--idle-timeout",
+                    "2s",
+                    "--state-dir",
+                ])
+                .arg(state.path())
                 .env("RUST_LOG", "roam=debug")
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
@@ -187,6 +197,7 @@ impl Server {
             addr,
             log,
             _child: child,
+            _state: state,
         }
     }
 

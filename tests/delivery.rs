@@ -533,14 +533,18 @@ fn client_plan(client: usize) -> Vec<Step> {
 struct Binary {
     child: KillOnDrop,
     addr: SocketAddr,
+    /// Its state directory (sessions on disk, the ID secret).
+    _state: tempfile::TempDir,
 }
 
 impl Binary {
     fn start(root: &Path, extra: &[&str]) -> Binary {
+        let state = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_roam"))
             .args(["serve", "--root"])
             .arg(root)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state.path())
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -558,7 +562,11 @@ impl Binary {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap();
-        Binary { child, addr }
+        Binary {
+            child,
+            addr,
+            _state: state,
+        }
     }
 
     fn pid(&self) -> u32 {

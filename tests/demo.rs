@@ -59,15 +59,19 @@ fn sh_blocks(md: &str) -> Vec<Block> {
 struct Server {
     _child: KillOnDrop,
     _stdout: BufReader<ChildStdout>,
+    /// The server's state directory (sessions on disk, the ID secret).
+    _state: tempfile::TempDir,
     addr: SocketAddr,
 }
 
 fn start_server(root: &Path) -> Server {
+    let state = tempfile::tempdir().unwrap();
     let mut child = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_roam"))
             .args(["serve", "--root"])
             .arg(root)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -87,6 +91,7 @@ fn start_server(root: &Path) -> Server {
     Server {
         _child: child,
         _stdout: stdout,
+        _state: state,
         addr,
     }
 }

@@ -207,8 +207,14 @@ impl Binary {
         cmd.arg("serve")
             .arg("--root")
             .arg(root)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(logs.path().join("state"));
+        if wrapper.contains(&"setpriv") {
+            // Another user cannot use a state directory inside this test's (root's) temporary
+            // folder; these tests are about the served files, not the sessions' store.
+            cmd.args(["--store", "memory"]);
+        }
+        cmd.args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

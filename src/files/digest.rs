@@ -18,13 +18,17 @@
 
 use super::root::{mtime_ns, OpenFile, Root};
 use crate::http::target::RelPath;
+use crate::session::FileKey;
 use base64::Engine as _;
 use dashmap::DashMap;
 use sha2::{Digest as _, Sha256};
 use std::collections::VecDeque;
 use std::fs::File;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -37,6 +41,27 @@ pub const MAX_QUEUED: usize = 256;
 pub const MAX_KNOWN: usize = 100_000;
 /// How long the worker waits after running out of descriptors.
 const DESCRIPTOR_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Where computed digests are kept across restarts (the disk session store implements it), so
+/// a restarted server does not hash large files again. Keyed by the path's key and the ETag,
+/// and checked against the inode, so a file replaced while the server was down is hashed anew.
+pub trait DigestStore: Send + Sync + std::fmt::Debug + 'static {
+    fn get(&self, id: StoredDigestId) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>>;
+    fn put(
+        &self,
+        id: StoredDigestId,
+        field: String,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// What a stored digest belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDigestId {
+    pub file: FileKey,
+    pub etag: Arc<str>,
+    pub dev: u64,
+    pub ino: u64,
+}
 
 /// What a response can say about the digest of the version it serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +106,9 @@ struct Job {
     path: RelPath,
     len: u64,
     mtime_ns: i128,
+    /// For the digest store: the path's key and the ETag.
+    file: FileKey,
+    etag: Arc<str>,
 }
 
 /// The digest cache, its queue and the worker's state.
@@ -92,9 +120,16 @@ pub struct Digests {
     /// Set at shutdown: hashing stops at the next chunk, so a multi-gigabyte file cannot hold
     /// the process past its shutdown deadline.
     stopped: Arc<AtomicBool>,
+    /// Where results are kept across restarts, when the server has a durable store.
+    store: OnceLock<Arc<dyn DigestStore>>,
 }
 
 impl Digests {
+    /// Keeps results in `store` from now on (and looks there before hashing).
+    pub fn keep_in(&self, store: Arc<dyn DigestStore>) {
+        let _ = self.store.set(store);
+    }
+
     /// Stops the computation in progress and refuses new ones.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
@@ -135,6 +170,8 @@ impl Digests {
             path: path.clone(),
             len: file.len,
             mtime_ns: file_mtime_ns(file),
+            file: FileKey::of_path(path.as_path()),
+            etag: Arc::clone(&file.etag),
         });
         drop(queue);
         self.wake.notify_one();
@@ -162,6 +199,21 @@ impl Digests {
                     () = stop.cancelled() => return,
                 }
             };
+            let stored_id = StoredDigestId {
+                file: job.file,
+                etag: Arc::clone(&job.etag),
+                dev: job.key.dev,
+                ino: job.key.ino,
+            };
+            let store = self.store.get().cloned();
+            if let Some(store) = &store {
+                if let Some(field) = store.get(stored_id.clone()).await {
+                    tracing::debug!(path = %job.path.as_path().display(), "digest restored from the store");
+                    self.known.insert(job.key, Known::Ready(Arc::from(field)));
+                    continue;
+                }
+            }
+            tracing::debug!(path = %job.path.as_path().display(), len = job.len, "hashing a file");
             let (this, root2) = (Arc::clone(&self), Arc::clone(&root));
             let outcome = tokio::task::spawn_blocking(move || this.hash_job(&root2, job)).await;
             match outcome {
@@ -176,7 +228,12 @@ impl Digests {
                         () = stop.cancelled() => return,
                     }
                 }
-                Ok(Outcome::Done) => {}
+                Ok(Outcome::Done(Some(field))) => {
+                    if let Some(store) = &store {
+                        store.put(stored_id, field).await;
+                    }
+                }
+                Ok(Outcome::Done(None)) => {}
                 Err(e) => tracing::warn!(error = %e, "digest worker failed"),
             }
         }
@@ -199,7 +256,7 @@ impl Digests {
                     // Replaced or rewritten since it was queued: the next request queues the
                     // file that is there now.
                     forget(job.key);
-                    return Outcome::Done;
+                    return Outcome::Done(None);
                 }
                 file
             }
@@ -208,25 +265,31 @@ impl Digests {
             }
             Err(_) => {
                 forget(job.key);
-                return Outcome::Done;
+                return Outcome::Done(None);
             }
         };
         match hash_if_unchanged(&file, job.len, job.mtime_ns, &self.stopped) {
             Ok(Some(field)) => {
-                self.known.insert(job.key, Known::Ready(Arc::from(field)));
+                self.known
+                    .insert(job.key, Known::Ready(Arc::from(field.as_str())));
+                Outcome::Done(Some(field))
             }
-            Ok(None) => forget(job.key),
+            Ok(None) => {
+                forget(job.key);
+                Outcome::Done(None)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot compute a file digest");
                 forget(job.key);
+                Outcome::Done(None)
             }
         }
-        Outcome::Done
     }
 }
 
 enum Outcome {
-    Done,
+    /// Hashed (the field), or given up on.
+    Done(Option<String>),
     OutOfDescriptors(Job),
 }
 

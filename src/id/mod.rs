@@ -49,6 +49,45 @@ pub fn nonce_in_target(target: &str) -> Option<u64> {
     Uuid::try_parse(segment).ok().map(|u| u.as_u64_pair().0)
 }
 
+/// The secret kept in `dir` (`id-secret`, 32 random bytes, mode 0600), created on first use, so
+/// IDs minted before a restart stay valid after it. A file too short to be a secret is an
+/// error naming it, never silently replaced (that would invalidate every client's ID).
+pub fn secret_in(dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("id-secret");
+    let mut fresh = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut fresh);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(mut f) => {
+            f.write_all(&fresh)?;
+            f.sync_all()?;
+            std::fs::File::open(dir)?.sync_all()?;
+            return Ok(fresh.to_vec());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let secret = std::fs::read(&path)?;
+    if secret.len() < 16 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} holds {} bytes, not a secret (at least 16): restore it, or remove it to \
+                 start with a new one (every ID minted before then stops working)",
+                path.display(),
+                secret.len()
+            ),
+        ));
+    }
+    Ok(secret)
+}
+
 /// True for text in the one spelling of an ID: 36 characters, lowercase hexadecimal digits
 /// with hyphens after the 8th, 12th, 16th and 20th. Says nothing about whose ID it is.
 pub fn is_id_shaped(text: &str) -> bool {
@@ -146,6 +185,23 @@ impl IdAuthority {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_secret_in_a_state_directory_is_made_once_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let first = secret_in(dir.path()).unwrap();
+        assert_eq!(first.len(), 32);
+        assert_eq!(secret_in(dir.path()).unwrap(), first);
+        let mode = std::fs::metadata(dir.path().join("id-secret"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(dir.path().join("id-secret"), b"short").unwrap();
+        let e = secret_in(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("id-secret") && e.contains("5 bytes"), "{e}");
+    }
 
     #[test]
     fn minted_ids_verify_and_are_v8_text() {

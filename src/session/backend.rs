@@ -11,6 +11,14 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::pin::Pin;
 
+/// One stored record and when it was last touched (begun or advanced), in the backend's clock's
+/// seconds: so that a record read back after a restart keeps its age.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub record: Record,
+    pub touched: u64,
+}
+
 /// A boxed future, so that backends can be trait objects chosen at start-up.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -111,7 +119,7 @@ pub trait Backend: Send + Sync + Debug + 'static {
     fn exclusive(&self) -> bool;
 
     /// The stored record for `key`.
-    fn read(&self, key: SessionKey) -> BoxFuture<'_, Result<Option<Record>, StoreError>>;
+    fn read(&self, key: SessionKey) -> BoxFuture<'_, Result<Option<Stored>, StoreError>>;
 
     /// Begins a new epoch for `key` at `begin.offset` of `begin.version`, creating the record
     /// (refused past the session cap) or renewing it, if the stored epoch is what
@@ -125,8 +133,21 @@ pub trait Backend: Send + Sync + Debug + 'static {
     /// TTL by its clock; returns how many.
     fn expire(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
 
-    /// Number of records held (an estimate where counting exactly would be costly).
+    /// Number of records held (an estimate where counting exactly would be costly: see
+    /// [`Backend::len_is_exact`]).
     fn len(&self) -> usize;
+
+    /// Called once at graceful shutdown, after the last commit (a durable store makes its next
+    /// start quick and marks the shutdown clean).
+    fn close(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// False when [`Backend::len`] is an estimate that may count replaced and deleted records
+    /// until the store compacts them (never fewer than are held).
+    fn len_is_exact(&self) -> bool {
+        true
+    }
 
     /// True when no record is held.
     fn is_empty(&self) -> bool {

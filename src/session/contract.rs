@@ -48,8 +48,17 @@ fn progress(key: SessionKey, epoch: Epoch, offset: u64, ended: Ended) -> Report 
     }
 }
 
+/// `len()` is `n`: exactly, or at least for a backend that only estimates it.
+fn assert_len(b: &dyn Backend, n: usize) {
+    if b.len_is_exact() {
+        assert_eq!(b.len(), n);
+    } else {
+        assert!(b.len() >= n, "an estimate of {n} records said {}", b.len());
+    }
+}
+
 async fn read(b: &dyn Backend, k: SessionKey) -> Option<Record> {
-    b.read(k).await.expect("read")
+    b.read(k).await.expect("read").map(|s| s.record)
 }
 
 pub async fn begin_creates_then_renews(f: Factory) {
@@ -74,7 +83,7 @@ pub async fn begin_creates_then_renews(f: Factory) {
     assert_ne!(e1, e2, "a renewed record has a new epoch");
     let r = read(&*b, k).await.unwrap();
     assert_eq!((r.offset, r.version, r.epoch), (5, 8, e2));
-    assert_eq!(b.len(), 1);
+    assert_len(&*b, 1);
 }
 
 pub async fn a_stale_epoch_never_moves_the_record(f: Factory) {
@@ -253,7 +262,7 @@ pub async fn idle_records_expire_by_the_clock(f: Factory) {
     );
     clock.advance(60);
     assert_eq!(b.expire().await.unwrap(), 1);
-    assert_eq!(b.len(), 0);
+    assert_len(&*b, 0);
     // A record re-created after expiry works as new.
     b.begin(old, begin(2, 3)).await.unwrap();
     assert_eq!(read(&*b, old).await.unwrap().version, 2);

@@ -4,9 +4,11 @@
 //!
 //! `--store memory` does not go through this: the server uses its table directly.
 
-use super::backend::{Backend, Begin, BeginError, BoxFuture, Committed, Report, StoreError};
+use super::backend::{
+    Backend, Begin, BeginError, BoxFuture, Committed, Report, StoreError, Stored,
+};
 use super::clock::Clock;
-use super::key::{Epoch, Record, SessionKey};
+use super::key::{Epoch, SessionKey};
 use super::table::Table;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,8 +41,14 @@ impl Backend for MemoryBackend {
         true
     }
 
-    fn read(&self, key: SessionKey) -> BoxFuture<'_, Result<Option<Record>, StoreError>> {
-        Box::pin(std::future::ready(Ok(self.table.get(&key))))
+    fn read(&self, key: SessionKey) -> BoxFuture<'_, Result<Option<Stored>, StoreError>> {
+        // The table keeps relative touch stamps; an age to the second is all a reader needs.
+        let touched = self.table.clock().now();
+        let stored = self
+            .table
+            .get(&key)
+            .map(|record| Stored { record, touched });
+        Box::pin(std::future::ready(Ok(stored)))
     }
 
     fn begin(&self, key: SessionKey, begin: Begin) -> BoxFuture<'_, Result<Epoch, BeginError>> {

@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod clock;
 pub mod contract;
+pub mod disk;
 pub mod key;
 pub mod memory;
 pub mod owners;

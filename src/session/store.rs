@@ -7,9 +7,18 @@ use super::clock::Clock;
 use super::key::{Ended, Epoch, Record, SessionKey};
 use super::table::Table;
 use super::writebehind::WriteBehind;
+use crate::throttle::LogThrottle;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// A record in front of a durable store that nobody touched for this long leaves memory (it is
+/// read back on its next request), so memory holds the sessions in use, not every session of
+/// the last day.
+pub const CACHE_IDLE: Duration = Duration::from_secs(600);
+
+/// At most one warning a second for failed reads.
+static READ_FAILURES: LogThrottle = LogThrottle::new();
 
 /// The table plus an optional backend behind it.
 #[derive(Debug)]
@@ -52,7 +61,9 @@ impl Store {
     }
 
     /// The record for `key`: from the table, or read from the backend on a miss (and kept in
-    /// the table, which is the truth for an exclusive store from then on).
+    /// the table, which is the truth for an exclusive store from then on). A backend that
+    /// cannot be read counts as holding no record: the client starts over (a repeat, never a
+    /// gap) rather than failing, and the failure is logged once a second.
     pub async fn get(&self, key: SessionKey) -> Result<Option<Record>, StoreError> {
         if let Some(r) = self.table.get(&key) {
             return Ok(Some(r));
@@ -60,9 +71,15 @@ impl Store {
         let Some(w) = &self.writer else {
             return Ok(None);
         };
-        match w.backend().read(key).await? {
-            Some(stored) => Ok(Some(self.table.fill(key, stored))),
-            None => Ok(None),
+        match w.backend().read(key).await {
+            Ok(Some(stored)) => Ok(Some(self.table.fill(key, stored.record, stored.touched))),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                if let Some(suppressed) = READ_FAILURES.admit() {
+                    tracing::warn!(error = %e, suppressed, "cannot read a session; serving it from byte 0");
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -97,11 +114,14 @@ impl Store {
         applied
     }
 
-    /// Runs the write-behind layer until `stop` (then flushes once more); returns at once for
-    /// a memory store.
+    /// Runs the write-behind layer until `stop` (then flushes once more and closes the backend);
+    /// returns at once for a memory store.
     pub async fn run_writer(&self, stop: CancellationToken) {
         if let Some(w) = &self.writer {
             w.run(&self.table, stop).await;
+            if let Err(e) = w.backend().close().await {
+                tracing::warn!(error = %e, "closing the session store");
+            }
         }
     }
 
@@ -113,10 +133,14 @@ impl Store {
         }
     }
 
-    /// Forgets sessions idle for longer than the TTL (in the table and in the backend).
+    /// Forgets sessions idle for longer than the TTL (in the table and in the backend), and
+    /// lets records of an exclusive durable store that are idle and written leave memory.
     pub async fn expire(&self) -> usize {
         let mut expired = self.table.expire();
         if let Some(w) = &self.writer {
+            if w.backend().exclusive() {
+                self.table.evict_clean(CACHE_IDLE);
+            }
             match w.backend().expire().await {
                 Ok(n) => expired = expired.max(n),
                 Err(e) => tracing::warn!(error = %e, "cannot expire stored sessions"),

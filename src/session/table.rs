@@ -74,8 +74,10 @@ pub struct Table {
     /// Whether changes are listed for a write-behind layer (off for `--store memory`, where
     /// the table is the whole store and listing would be wasted work).
     track_dirty: bool,
-    /// Keys whose dirty bit went from clear to set, each listed once until taken.
-    dirty: Mutex<Vec<SessionKey>>,
+    /// Keys whose dirty bit went from clear to set, each listed once until taken, with the
+    /// record as it was just before (what the backend holds; `None` for a new record or after a
+    /// failed write), so an unchanged record need not be written again.
+    dirty: Mutex<Vec<(SessionKey, Option<Record>)>>,
 }
 
 impl Table {
@@ -160,12 +162,14 @@ impl Table {
         // Racy by a few entries under concurrency: the cap bounds memory, it is not an exact
         // quota.
         let at_cap = self.count.load(Ordering::Relaxed) >= self.cap;
+        let mut before = None;
         let (epoch, newly_dirty) = match self.map.entry(key) {
             dashmap::Entry::Occupied(mut o) => {
                 let s = o.get_mut();
                 if !expect.holds(Some(Epoch(s.epoch))) {
                     return Err(BeginError::Conflict);
                 }
+                before = Some(s.record());
                 s.epoch = epoch.map_or(s.epoch.wrapping_add(1), |e| e.0);
                 s.version = version;
                 *s.offset.get_mut() = offset;
@@ -191,7 +195,7 @@ impl Table {
             }
         };
         if newly_dirty && self.track_dirty {
-            self.list_dirty(key);
+            self.list_dirty(key, before);
         }
         Ok(epoch)
     }
@@ -220,14 +224,14 @@ impl Table {
         }
     }
 
-    fn list_dirty(&self, key: SessionKey) {
+    fn list_dirty(&self, key: SessionKey, before: Option<Record>) {
         if self.track_dirty {
             // A poisoned lock only means another thread panicked while pushing: the list is
             // still a valid Vec.
             self.dirty
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(key);
+                .push((key, before));
         }
     }
 
@@ -241,11 +245,15 @@ impl Table {
             if s.epoch != epoch.0 {
                 return false;
             }
-            let before = s.offset.fetch_max(offset, Ordering::AcqRel);
-            self.touch(&s, before < offset)
+            let previous = s.offset.fetch_max(offset, Ordering::AcqRel);
+            let record = s.record();
+            self.touch(&s, previous < offset).then_some(Record {
+                offset: previous,
+                ..record
+            })
         };
-        if newly_dirty {
-            self.list_dirty(*key);
+        if let Some(before) = newly_dirty {
+            self.list_dirty(*key, Some(before));
         }
         true
     }
@@ -266,10 +274,13 @@ impl Table {
                     Some((m & !ENDED_MASK) | bits | self.dirty_bit())
                 })
                 .unwrap_or_else(|m| m);
-            self.track_dirty && old & DIRTY == 0
+            (self.track_dirty && old & DIRTY == 0).then(|| Record {
+                ended: Ended::from_bits(((old & ENDED_MASK) >> ENDED_SHIFT) as u8),
+                ..s.record()
+            })
         };
-        if newly_dirty {
-            self.list_dirty(*key);
+        if let Some(before) = newly_dirty {
+            self.list_dirty(*key, Some(before));
         }
         true
     }
@@ -294,8 +305,11 @@ impl Table {
 
     /// Puts a record read from a backend into the table (a cache fill), unless the table
     /// already holds the key, and returns what the table holds. Not dirty: the backend has it.
-    pub fn fill(&self, key: SessionKey, record: Record) -> Record {
-        let meta = self.stamp() | ((record.ended.bits() as u16) << ENDED_SHIFT);
+    /// `touched`: when it was last touched, in clock seconds (its age is kept, so it expires
+    /// when it would have).
+    pub fn fill(&self, key: SessionKey, record: Record, touched: u64) -> Record {
+        let stamp = ((touched.min(self.clock.now()) / self.unit_secs) as u16) & TOUCHED_MASK;
+        let meta = stamp | ((record.ended.bits() as u16) << ENDED_SHIFT);
         match self.map.entry(key) {
             dashmap::Entry::Occupied(o) => o.get().record(),
             dashmap::Entry::Vacant(v) => {
@@ -312,14 +326,22 @@ impl Table {
     }
 
     /// Takes every record changed since the last call: the dirty bit is cleared before the
-    /// record is read, so a change racing with this is listed again, never lost.
+    /// record is read, so a change racing with this is listed again, never lost. A record whose
+    /// offset, version and end are back to what they were when it became dirty (a session begun
+    /// again and finished again between two flushes) is left out: the backend holds it already.
+    /// (Its epoch may differ; an exclusive store needs no epoch across restarts, and a shared
+    /// store began it itself.)
     pub fn take_dirty(&self) -> Vec<(SessionKey, Record)> {
         let keys = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         keys.into_iter()
-            .filter_map(|key| {
+            .filter_map(|(key, before)| {
                 let s = self.map.get(&key)?;
                 s.meta.fetch_and(!DIRTY, Ordering::AcqRel);
-                Some((key, s.record()))
+                let now = s.record();
+                let unchanged = before.is_some_and(|b| {
+                    (b.offset, b.version, b.ended) == (now.offset, now.version, now.ended)
+                });
+                (!unchanged).then_some((key, now))
             })
             .collect()
     }
@@ -331,7 +353,7 @@ impl Table {
             .get(&key)
             .is_some_and(|s| s.meta.fetch_or(self.dirty_bit(), Ordering::AcqRel) & DIRTY == 0);
         if newly {
-            self.list_dirty(key);
+            self.list_dirty(key, None);
         }
     }
 

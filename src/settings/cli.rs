@@ -1,7 +1,7 @@
 //! Command-line interface: clap definitions with an environment variable for every flag, and
 //! their conversion into a validated [`Config`].
 
-use super::config::{self, Accounting, Config, ConfigError, LogFormat};
+use super::config::{self, Accounting, Config, ConfigError, LogFormat, StoreKind};
 use clap::{Args, Parser, Subcommand};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -19,7 +19,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve a folder: `GET /` mints a client ID, `GET /{id}/{path}` resumes that client's
     /// download of `path` exactly where its TCP connection left off.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Download a file and finish it however often the connection breaks.
     ///
     /// URL is a roam server plus a file path (http://host:8080/video.mp4: the client mints its
@@ -176,9 +176,22 @@ pub struct ServeArgs {
     #[arg(long, env = "ROAM_MINT_RATE", value_parser = mint_rate)]
     pub mint_rate: Option<(f64, u32)>,
     /// File holding the secret that keys client IDs (at least 16 bytes). Servers sharing it
-    /// accept each other's IDs; without it IDs are valid until the process exits.
+    /// accept each other's IDs. Without it: with the disk store, a secret generated once into
+    /// the state directory (IDs survive restarts); with the memory store, a random one (IDs are
+    /// valid until the process exits).
     #[arg(long, env = "ROAM_ID_SECRET_FILE")]
     pub id_secret_file: Option<PathBuf>,
+    /// Where session records live: disk (in --state-dir: a restart or crash keeps every
+    /// client's place) or memory (lost when the process ends).
+    #[arg(long, env = "ROAM_STORE", value_enum, default_value = "disk")]
+    pub store: StoreKind,
+    /// Directory for durable sessions, the ID secret and stored digests (created mode 0700).
+    #[arg(long, env = "ROAM_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Longest time a session change waits in memory before it is written (one sync per batch;
+    /// new epochs and ends are written sooner).
+    #[arg(long, env = "ROAM_FLUSH_INTERVAL", value_parser = duration, default_value = "50ms")]
+    pub flush_interval: Duration,
 }
 
 fn mint_rate(s: &str) -> Result<(f64, u32), String> {
@@ -242,6 +255,9 @@ impl ServeArgs {
         config.implicit_resume = !self.no_implicit_resume;
         config.mint_rate = self.mint_rate;
         config.id_secret = id_secret;
+        config.store = self.store;
+        config.state_dir = self.state_dir;
+        config.flush_interval = self.flush_interval;
         config.validate()
     }
 }
@@ -277,6 +293,9 @@ mod tests {
         assert_eq!(config.shutdown_timeout, reference.shutdown_timeout);
         assert_eq!(config.accounting, reference.accounting);
         assert_eq!(config.file_revalidate, reference.file_revalidate);
+        assert_eq!(config.store, reference.store);
+        assert_eq!(config.state_dir, reference.state_dir);
+        assert_eq!(config.flush_interval, reference.flush_interval);
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub const DEFAULT_FILE_CACHE_ENTRIES: usize = 10_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Record confirmed progress at least every this many bytes sent.
 pub const DEFAULT_PROGRESS_INTERVAL: u64 = 256 * 1024;
+/// Where durable sessions and the ID secret live (created, mode 0700, if missing).
+pub const DEFAULT_STATE_DIR: &str = "./roam-state";
+/// How long a change to a session may wait in memory before the write-behind layer commits it
+/// (one sync per batch). Measured in docs/benchmarks.md.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
@@ -50,6 +55,15 @@ pub const DEFAULT_MAX_HEADERS: usize = 64;
 pub enum LogFormat {
     Pretty,
     Json,
+}
+
+/// Where session records live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// In the state directory, on disk, so a restart or a crash keeps every client's place.
+    Disk,
+    /// In memory only: lost when the process ends (tests, benchmarks).
+    Memory,
 }
 
 /// What counts as delivered when a session's offset advances.
@@ -93,8 +107,12 @@ pub struct Config {
     /// Per-address mint limit: (IDs per second, burst). `None`: unlimited (the default, since
     /// carriers put many phones behind one address).
     pub mint_rate: Option<(f64, u32)>,
-    /// Secret that keys client IDs; random per process when absent.
+    /// Secret that keys client IDs; with the disk store, generated once into the state
+    /// directory when absent; otherwise random per process.
     pub id_secret: Option<Vec<u8>>,
+    pub store: StoreKind,
+    pub state_dir: PathBuf,
+    pub flush_interval: Duration,
 }
 
 /// A setting that cannot work.
@@ -132,6 +150,9 @@ impl Config {
             implicit_resume: true,
             mint_rate: None,
             id_secret: None,
+            store: StoreKind::Disk,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
         }
     }
 
@@ -182,6 +203,11 @@ impl Config {
             .is_some_and(|(rate, burst)| !(rate > 0.0 && rate.is_finite()) || burst == 0)
         {
             return bad("--mint-rate must be a positive rate with a burst of at least 1");
+        }
+        if self.flush_interval < Duration::from_millis(1)
+            || self.flush_interval > Duration::from_secs(10)
+        {
+            return bad("--flush-interval must be between 1ms and 10s");
         }
         if self.id_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return bad("the ID secret must be at least 16 bytes");

@@ -4,4 +4,4 @@
 pub mod cli;
 pub mod config;
 
-pub use self::config::{Accounting, Config, ConfigError, LogFormat};
+pub use self::config::{Accounting, Config, ConfigError, LogFormat, StoreKind};
