@@ -1,29 +1,40 @@
 #!/usr/bin/env bash
 # Load tests for docs/benchmarks.md (never run by the test suite). Builds release, pins each
-# server to core $SERVER_CORE and the load generator to core $LOAD_CORE, runs each case RUNS
-# times and prints markdown tables of medians, with the ratio roam/nginx where it applies.
+# server to core $SERVER_CORE and the load generator to core $LOAD_CORE.
 #
-#   scripts/bench.sh accounting   # roam req/s with acknowledged vs written accounting
-#   scripts/bench.sh small        # 1 KiB and 100 KiB downloads: roam, nginx, lighttpd (wrk, oha)
-#   scripts/bench.sh large        # one 256 MiB download: GB/s and server CPU-seconds per GB
-#   scripts/bench.sh conns        # 10,000 concurrent connections: req/s, errors, RSS/connection
+# Servers are compared in interleaved rounds: round 1 runs roam, nginx, lighttpd one after the
+# other, round 2 again (in a rotated order), and so on, RUNS rounds. Each table gives the
+# median of every server's runs and, for each other server, the median of the per-round
+# ratios roam/other (with their range): a drift of the machine during the run hits every
+# server of a round alike, so the ratio is steadier than the raw figures.
+#
+#   scripts/bench.sh small        # 1 KiB (64 conns), 100 KiB (16 and 64 conns): roam, nginx, lighttpd
+#   scripts/bench.sh large        # one 256 MiB file downloaded 4 times on one connection: GB/s, CPU s/GB
+#   scripts/bench.sh conns        # 10,000 concurrent connections: req/s, errors, RSS per connection
+#   scripts/bench.sh tls          # HTTPS against nginx: 1 KiB, 100 KiB, 256 MiB, handshakes/s
+#   scripts/bench.sh accounting   # roam with acknowledged vs written accounting
+#   scripts/bench.sh store        # roam with --store disk vs memory (1 KiB, 100 KiB)
+#   scripts/bench.sh mptcp        # roam's Multipath TCP listener vs TCP only, for TCP clients
+#   (sendfile against read-and-write on MPTCP sockets: scripts/mptcp-sendfile.py)
 #   scripts/bench.sh runtime      # roam multi-thread vs per-core runtime (1 KiB, 100 KiB)
 #   scripts/bench.sh answers      # roam: minting IDs (GET /), repeated requests for finished files (416)
 #   scripts/bench.sh all
 #
-# Knobs (environment): DURATION (10s), CONNECTIONS (64), RUNS (3), IDS (5000).
-# Needs: wrk, nginx, lighttpd, curl, and oha (`cargo install --locked oha`) for latency.
+# Knobs (environment): DURATION (5s), RUNS (5 rounds), IDS (2000), STORE (disk: roam's default),
+# SERVER_CORE (0), LOAD_CORE (1). BENCH_DEBUG=1 shows wrk's output.
+# Needs: wrk, nginx, lighttpd, curl, openssl, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-64}
-RUNS=${RUNS:-3}
-IDS=${IDS:-5000}
+RUNS=${RUNS:-5}
+IDS=${IDS:-2000}
+STORE=${STORE:-disk}
 SERVER_CORE=${SERVER_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
 export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
 
-for tool in wrk curl taskset; do
+for tool in wrk curl taskset nginx lighttpd openssl python3; do
   command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
 done
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -44,7 +55,28 @@ head -c 102400 /dev/urandom >"$root/f100k"
 chmod 644 "$root"/*
 head -c 32 /dev/urandom >"$work/secret"
 
-# ---- servers: each start_* sets ADDR and PID -------------------------------------------------
+# TLS material for `tls`: a CA and an ECDSA P-256 leaf for 127.0.0.1, the same for every server.
+make_certs() {
+  [ -s "$work/tls/leaf.pem" ] && return 0
+  mkdir -p "$work/tls"
+  (
+    cd "$work/tls"
+    openssl ecparam -name prime256v1 -genkey -noout -out ca.key 2>/dev/null
+    openssl req -x509 -new -key ca.key -subj /CN=bench-ca -days 2 -out ca.pem 2>/dev/null
+    openssl ecparam -name prime256v1 -genkey -noout -out leaf.key.ec 2>/dev/null
+    openssl pkcs8 -topk8 -nocrypt -in leaf.key.ec -out leaf.key
+    openssl req -new -key leaf.key -subj /CN=127.0.0.1 -out leaf.csr 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\n' >ext
+    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+      -extfile ext -out leaf.pem 2>/dev/null
+    chmod 600 leaf.key ca.key
+    chmod 644 leaf.pem ca.pem
+  )
+}
+
+# ---- servers: each start_* sets ADDR and PID; SCHEME is http or https -------------------------
+
+SCHEME=http
 
 wait_port() { # wait until $1 (host:port) accepts connections
   for _ in $(seq 200); do
@@ -60,13 +92,17 @@ free_port() {
 }
 
 start_roam() {
+  local tls=()
+  [ "$SCHEME" = https ] && tls=(--tls-cert "$work/tls/leaf.pem" --tls-key "$work/tls/leaf.key")
+  rm -rf "$work/state"
   taskset -c "$SERVER_CORE" target/release/roam serve --root "$root" --listen 127.0.0.1:0 \
-    --id-secret-file "$work/secret" --max-connections 20000 "$@" >"$work/roam.out" 2>"$work/roam.err" &
+    --id-secret-file "$work/secret" --max-connections 20000 --store "$STORE" \
+    --state-dir "$work/state" "${tls[@]}" "$@" >"$work/roam.out" 2>"$work/roam.err" &
   PID=$!
   pids+=("$PID")
   ADDR=""
-  for _ in $(seq 200); do
-    ADDR=$(sed -n 's|roam listening on http://||p' "$work/roam.out")
+  for _ in $(seq 400); do
+    ADDR=$(sed -n "s|roam listening on $SCHEME://||p" "$work/roam.out")
     [ -n "$ADDR" ] && break
     sleep 0.05
   done
@@ -74,9 +110,16 @@ start_roam() {
 }
 
 start_nginx() {
-  local port
+  local port listen="" ssl=""
   port=$(free_port)
   mkdir -p "$work/nginx"
+  if [ "$SCHEME" = https ]; then
+    listen=" ssl"
+    # TLS 1.3 only, as roam's clients here negotiate; no kernel TLS on this machine, so nginx
+    # reads and encrypts in user space like roam (sendfile is not used through OpenSSL).
+    ssl="ssl_certificate $work/tls/leaf.pem; ssl_certificate_key $work/tls/leaf.key;
+    ssl_protocols TLSv1.3; ssl_session_cache shared:SSL:10m;"
+  fi
   cat >"$work/nginx/nginx.conf" <<CONF
 worker_processes 1;
 # One process, so its CPU time and memory are what /proc/PID shows.
@@ -101,7 +144,8 @@ http {
   scgi_temp_path $work/nginx/scgi;
   default_type application/octet-stream;
   server {
-    listen 127.0.0.1:$port backlog=4096;
+    listen 127.0.0.1:$port$listen backlog=4096;
+    $ssl
     root $root;
     # The same URLs as roam's /{id}/{file}.
     location / { rewrite ^/[^/]+/(.*)\$ /\$1 break; }
@@ -144,13 +188,16 @@ stop_server() {
   wait "$PID" 2>/dev/null || true
 }
 
-start_server() { # name [roam flags...]
-  local name=$1
-  shift
+# A server spec is a name, optionally with roam flags after a colon: "roam:--runtime per-core".
+start_server() {
+  local spec=$1 name flags=()
+  name=${spec%%:*}
+  [ "$spec" != "$name" ] && read -r -a flags <<<"${spec#*:}"
   case $name in
-    roam) start_roam "$@" ;;
+    roam) start_roam "${flags[@]}" ;;
     nginx) start_nginx ;;
     lighttpd) start_lighttpd ;;
+    *) echo "unknown server $name" >&2; exit 2 ;;
   esac
 }
 
@@ -158,54 +205,108 @@ start_server() { # name [roam flags...]
 # they stay valid across restarts). Other servers get the same URLs (their rewrite drops the ID).
 mint_ids() {
   [ -s "$work/ids" ] && return 0
+  local scheme=$SCHEME
+  SCHEME=http
   start_roam
   local urls=()
   for _ in $(seq "$IDS"); do urls+=("http://$ADDR/"); done
   { curl -s "${urls[@]}" | fold -w 36; echo; } | grep -E '^[0-9a-f-]{36}$' >"$work/ids"
   stop_server
+  SCHEME=$scheme
   [ "$(wc -l <"$work/ids")" -ge "$IDS" ] || { echo "minting failed" >&2; exit 1; }
 }
 
-# ---- load generators ------------------------------------------------------------------------
+# ---- interleaving -----------------------------------------------------------------------------
 
-# wrk against ADDR for FILE with C connections; prints "req/s p50 p99 errors".
+# interleave CASE MEASURE SPEC...: RUNS rounds; in each round every server (the order rotated by
+# one each round) is started, measured with MEASURE (which prints a line of numbers) and stopped.
+# Lines go to $work/res/CASE/<spec>, one per round.
+interleave() {
+  local case=$1 measure=$2
+  shift 2
+  local specs=("$@") n=$# round i
+  mkdir -p "$work/res/$case"
+  rm -f "$work/res/$case"/*
+  for round in $(seq 0 $((RUNS - 1))); do
+    for i in $(seq 0 $((n - 1))); do
+      local spec=${specs[$(((i + round) % n))]}
+      start_server "$spec"
+      local line
+      line=$("$measure")
+      stop_server
+      echo "$line" >>"$work/res/$case/$(printf '%s' "$spec" | tr ' /:' '_~,')"
+      [ -n "${BENCH_DEBUG:-}" ] && echo "  $case round $round $spec: $line" >&2
+    done
+  done
+  true
+}
+
+# report CASE "COLUMN NAMES" SPEC...: a markdown table of each server's medians, then for the
+# first column the median (and range) of the per-round ratios first-spec/other.
+report() {
+  local case=$1 columns=$2
+  shift 2
+  python3 - "$work/res/$case" "$columns" "$@" <<'PY'
+import os, statistics, sys
+d, columns, specs = sys.argv[1], sys.argv[2].split("|"), sys.argv[3:]
+def load(spec):
+    f = os.path.join(d, spec.replace(" ", "_").replace("/", "~").replace(":", ","))
+    return [l.split() for l in open(f) if l.strip()]
+rows = {s: load(s) for s in specs}
+def num(x):
+    try: return float(x)
+    except ValueError: return None
+def fmt(v):
+    return f"{v:,.0f}" if v >= 1000 else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+print("| server | " + " | ".join(columns) + " | rounds (first column) |")
+print("|---|" + "---|" * (len(columns) + 1))
+for s in specs:
+    cells = []
+    for c in range(len(columns)):
+        vals = [r[c] for r in rows[s] if len(r) > c]
+        nums = [num(v) for v in vals]
+        if vals and all(n is not None for n in nums):
+            cells.append(fmt(statistics.median(nums)))
+        else:
+            cells.append("/".join(vals))
+    firsts = ", ".join(r[0] for r in rows[s])
+    print(f"| {s} | " + " | ".join(cells) + f" | {firsts} |")
+print()
+base = specs[0]
+for s in specs[1:]:
+    ratios = [float(a[0]) / float(b[0]) for a, b in zip(rows[base], rows[s]) if float(b[0]) > 0]
+    if ratios:
+        print(f"- {base} / {s} ({columns[0]}): median of {len(ratios)} per-round ratios "
+              f"**{statistics.median(ratios):.2f}** (range {min(ratios):.2f}–{max(ratios):.2f})")
+print()
+PY
+}
+
+# ---- measurements: each prints one line of numbers ---------------------------------------------
+
+WRK_FILE=f1k
+WRK_CONNS=64
+WRK_EXTRA=()
+
+# wrk against ADDR: "req/s p50 p99 errors".
 wrk_once() {
-  local file=$1 conns=${2:-$CONNECTIONS}
-  taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d"$DURATION" --latency --timeout 10s \
-    -s scripts/wrk-sessions.lua "http://$ADDR" -- "$file" "$work/ids" >"$work/wrk.txt" 2>&1 || true
-  local rps p50 p99 errors
+  taskset -c "$LOAD_CORE" wrk -t1 -c"$WRK_CONNS" -d"$DURATION" --latency --timeout 10s \
+    "${WRK_EXTRA[@]}" -s scripts/wrk-sessions.lua "$SCHEME://$ADDR" -- "$WRK_FILE" "$work/ids" \
+    >"$work/wrk.txt" 2>&1 || true
   [ -n "${BENCH_DEBUG:-}" ] && cat "$work/wrk.txt" >&2
   if grep -q "Non-2xx" "$work/wrk.txt"; then
     echo "wrk saw responses that are not 2xx: the comparison would be meaningless" >&2
     cat "$work/wrk.txt" >&2
     exit 1
   fi
+  local rps p50 p99 errors
   rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
-  p50=$(awk '$1 == "50%" {print $2}' "$work/wrk.txt")
-  p99=$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")
-  errors=$(awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10; found=1} /Non-2xx/ {n += $NF} END {if (!found) print 0 + n}' "$work/wrk.txt")
-  echo "${rps:-0} ${p50:-?} ${p99:-?} ${errors:-0}"
-}
-
-# oha latency for FILE (fixed request count, one connection per worker); prints "p50 p99" in ms.
-oha_once() {
-  local file=$1 id
-  id=$(head -n1 "$work/ids")
-  taskset -c "$LOAD_CORE" oha --no-tui --output-format json -z "$DURATION" -c "$CONNECTIONS" -H "Range: bytes=0-" \
-    "http://$ADDR/$id/$file" >"$work/oha.json" 2>/dev/null
-  python3 - "$work/oha.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-p = d["latencyPercentiles"]
-print(f'{p["p50"] * 1000:.2f}ms {p["p99"] * 1000:.2f}ms')
-PY
-}
-
-# Median line of RUNS runs of a command (ranked by the first number).
-median_of_runs() {
-  local lines=()
-  for _ in $(seq "$RUNS"); do lines+=("$("$@")"); done
-  printf '%s\n' "${lines[@]}" | sort -g -k1,1 | sed -n "$(((RUNS + 1) / 2))p"
+  # Latencies in milliseconds, whatever unit wrk chose.
+  local to_ms='function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }'
+  p50=$(awk "$to_ms"' $1 == "50%" {printf "%.3f", ms($2)}' "$work/wrk.txt")
+  p99=$(awk "$to_ms"' $1 == "99%" {printf "%.3f", ms($2)}' "$work/wrk.txt")
+  errors=$(awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10; found=1} END {if (!found) print 0}' "$work/wrk.txt")
+  echo "${rps:-0} ${p50:-0} ${p99:-0} ${errors:-0}"
 }
 
 cpu_seconds() { # utime+stime of PID in seconds
@@ -214,119 +315,144 @@ cpu_seconds() { # utime+stime of PID in seconds
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+# The 256 MiB file four times on one connection (curl reuses it), to /dev/null: "GB/s CPU-s/GB".
+large_once() {
+  local id before after secs cacert=()
+  id=$(head -n1 "$work/ids")
+  [ "$SCHEME" = https ] && cacert=(--cacert "$work/tls/ca.pem")
+  local url="$SCHEME://$ADDR/$id/f256m"
+  before=$(cpu_seconds "$PID")
+  secs=$(taskset -c "$LOAD_CORE" curl -s "${cacert[@]}" -H "Range: bytes=0-" \
+    -o /dev/null -o /dev/null -o /dev/null -o /dev/null -w '%{time_total}\n' \
+    "$url" "$url" "$url" "$url" | awk '{t += $1} END {print t}')
+  after=$(cpu_seconds "$PID")
+  awk -v s="$secs" -v c="$(awk -v a="$after" -v b="$before" 'BEGIN{print a-b}')" \
+    'BEGIN { gb = 4 * 268435456 / 1e9; printf "%.2f %.3f\n", gb / s, c / gb }'
+}
 
-# ---- cases ----------------------------------------------------------------------------------
+# ---- cases ------------------------------------------------------------------------------------
 
-bench_accounting() {
-  mint_ids
-  echo "### Cost of acknowledged-byte accounting (roam, wrk, $CONNECTIONS connections, $DURATION, median of $RUNS)"
+small_case() { # title file conns specs...
+  local title=$1
+  WRK_FILE=$2 WRK_CONNS=$3
+  shift 3
+  echo "#### $title"
   echo
-  echo "| file | accounting | req/s | p50 | p99 |"
-  echo "|---|---|---|---|---|"
-  declare -A rps
-  for file in f1k f100k; do
-    for mode in written acknowledged; do
-      start_roam --accounting "$mode"
-      read -r r p50 p99 _ < <(median_of_runs wrk_once "$file")
-      stop_server
-      rps[$file-$mode]=$r
-      echo "| $file | $mode | $r | $p50 | $p99 |"
-    done
-  done
-  echo
-  for file in f1k f100k; do
-    awk -v a="${rps[$file-acknowledged]}" -v w="${rps[$file-written]}" -v f="$file" \
-      'BEGIN { printf "- %s: acknowledged/written = %.3f (cost %.1f%%)\n", f, a / w, (1 - a / w) * 100 }'
-  done
-  echo
+  interleave "$WRK_FILE-$WRK_CONNS" wrk_once "$@"
+  report "$WRK_FILE-$WRK_CONNS" "req/s|p50|p99|errors" "$@"
 }
 
 bench_small() {
   mint_ids
-  echo "### Small files through /{id}/{file} (wrk: $CONNECTIONS connections, $DURATION, median of $RUNS; oha for latency)"
+  echo "### Small files through /{id}/{file} (wrk, $DURATION per run, $RUNS interleaved rounds)"
   echo
-  echo "| file | server | req/s | wrk p50 | wrk p99 | oha p50 | oha p99 | roam/nginx |"
-  echo "|---|---|---|---|---|---|---|---|"
-  for file in f1k f100k; do
-    local nginx_rps=0
-    for name in nginx lighttpd roam; do
-      start_server "$name"
-      read -r r p50 p99 _ < <(median_of_runs wrk_once "$file")
-      local lat="n/a n/a"
-      command -v oha >/dev/null && lat=$(oha_once "$file")
-      stop_server
-      [ "$name" = nginx ] && nginx_rps=$r
-      local rel=""
-      [ "$name" = roam ] && rel=$(ratio "$r" "$nginx_rps")
-      read -r op50 op99 <<<"$lat"
-      echo "| $file | $name | $r | $p50 | $p99 | $op50 | $op99 | $rel |"
-    done
-  done
-  echo
+  small_case "1 KiB, 64 connections (p50 and p99 in ms)" f1k 64 roam nginx lighttpd
+  small_case "100 KiB, 16 connections" f100k 16 roam nginx lighttpd
+  small_case "100 KiB, 64 connections" f100k 64 roam nginx lighttpd
 }
 
 bench_large() {
   mint_ids
   head -c $((256 << 20)) /dev/urandom >"$root/f256m"
   chmod 644 "$root/f256m"
-  local id
-  id=$(head -n1 "$work/ids")
-  echo "### One 256 MiB download (curl to /dev/null on core $LOAD_CORE, median of $RUNS)"
+  echo "### One 256 MiB file downloaded 4 times on one connection (curl to /dev/null on core $LOAD_CORE, $RUNS interleaved rounds)"
   echo
-  echo "| server | GB/s | server CPU s/GB | roam/nginx GB/s |"
-  echo "|---|---|---|---|"
-  local nginx_gbs=0
-  for name in nginx lighttpd roam; do
-    start_server "$name"
-    one_large() {
-      local before after secs
-      before=$(cpu_seconds "$PID")
-      secs=$(taskset -c "$LOAD_CORE" curl -s -o /dev/null -H "Range: bytes=0-" -w '%{time_total}' "http://$ADDR/$id/f256m")
-      after=$(cpu_seconds "$PID")
-      awk -v s="$secs" -v c="$(awk -v a="$after" -v b="$before" 'BEGIN{print a-b}')" \
-        'BEGIN { gb = 268435456 / 1e9; printf "%.2f %.3f\n", gb / s, c / gb }'
-    }
-    read -r gbs cpu < <(median_of_runs one_large)
-    stop_server
-    [ "$name" = nginx ] && nginx_gbs=$gbs
-    local rel=""
-    [ "$name" = roam ] && rel=$(ratio "$gbs" "$nginx_gbs")
-    echo "| $name | $gbs | $cpu | $rel |"
-  done
+  interleave large large_once roam nginx lighttpd
+  report large "GB/s|server CPU s/GB" roam nginx lighttpd
   rm -f "$root/f256m"
-  echo
+}
+
+conns_once() {
+  local n=10000 base peak=0 now
+  base=$(rss_kb "$PID")
+  taskset -c "$LOAD_CORE" wrk -t1 -c"$n" -d"$DURATION" --timeout 10s \
+    -s scripts/wrk-sessions.lua "http://$ADDR" -- f1k "$work/ids" >"$work/wrk.txt" 2>&1 &
+  local wrk_pid=$!
+  while kill -0 "$wrk_pid" 2>/dev/null; do
+    now=$(rss_kb "$PID" 2>/dev/null || echo 0)
+    [ "$now" -gt "$peak" ] && peak=$now
+    sleep 0.2
+  done
+  wait "$wrk_pid" || true
+  local rps errors
+  rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
+  errors=$(awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10; found=1} END {if (!found) print 0}' "$work/wrk.txt")
+  awk -v n="$n" -v b="$base" -v p="$peak" -v r="${rps:-0}" -v e="$errors" \
+    'BEGIN { printf "%s %s %.1f %.2f\n", r, e, (p - b) / 1024, (p - b) / n }'
 }
 
 bench_conns() {
   mint_ids
-  local n=10000
-  echo "### $n concurrent connections (wrk -c$n, 1 KiB file, $DURATION)"
+  echo "### 10,000 concurrent connections (wrk -c10000, 1 KiB file, $DURATION, $RUNS interleaved rounds)"
   echo
-  echo "| server | req/s | errors | RSS growth | RSS per connection |"
-  echo "|---|---|---|---|---|"
-  for name in nginx lighttpd roam; do
-    start_server "$name"
-    local base
-    base=$(rss_kb "$PID")
-    taskset -c "$LOAD_CORE" wrk -t1 -c"$n" -d"$DURATION" --timeout 10s \
-      -s scripts/wrk-sessions.lua "http://$ADDR" -- f1k "$work/ids" >"$work/wrk.txt" 2>&1 &
-    local wrk_pid=$! peak=0
-    while kill -0 "$wrk_pid" 2>/dev/null; do
-      local now
-      now=$(rss_kb "$PID" 2>/dev/null || echo 0)
-      [ "$now" -gt "$peak" ] && peak=$now
-      sleep 0.5
-    done
-    wait "$wrk_pid" || true
-    stop_server
-    local rps errors
-    rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
-    errors=$(awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10; found=1} END {if (!found) print 0}' "$work/wrk.txt")
-    awk -v n="$n" -v b="$base" -v p="$peak" -v name="$name" -v r="$rps" -v e="$errors" \
-      'BEGIN { printf "| %s | %s | %s | %.1f MB | %.2f KB |\n", name, r, e, (p - b) / 1024, (p - b) / n }'
-  done
+  interleave conns conns_once roam nginx lighttpd
+  report conns "req/s|errors|RSS growth MB|RSS per connection KB" roam nginx lighttpd
+}
+
+handshake_once() { # a new connection (a full handshake) for every request
+  WRK_EXTRA=(-H "Connection: close")
+  wrk_once
+  WRK_EXTRA=()
+}
+
+bench_tls() {
+  mint_ids
+  make_certs
+  SCHEME=https
+  echo "### HTTPS: roam against nginx, same ECDSA P-256 certificate, TLS 1.3 ($DURATION per run, $RUNS interleaved rounds)"
   echo
+  small_case "1 KiB, 64 keep-alive connections" f1k 64 roam nginx
+  small_case "100 KiB, 16 keep-alive connections" f100k 16 roam nginx
+  echo "#### Full handshakes: a new connection per 1 KiB request, 64 connections"
+  echo
+  WRK_FILE=f1k WRK_CONNS=64
+  interleave handshakes handshake_once roam nginx
+  report handshakes "req/s|p50|p99|errors" roam nginx
+  head -c $((256 << 20)) /dev/urandom >"$root/f256m"
+  chmod 644 "$root/f256m"
+  echo "#### One 256 MiB file 4 times on one connection"
+  echo
+  interleave tls-large large_once roam nginx
+  report tls-large "GB/s|server CPU s/GB" roam nginx
+  rm -f "$root/f256m"
+  SCHEME=http
+}
+
+bench_accounting() {
+  mint_ids
+  echo "### Cost of acknowledged-byte accounting (roam, wrk, $DURATION per run, $RUNS interleaved rounds)"
+  echo
+  small_case "1 KiB, 64 connections" f1k 64 "roam:--accounting acknowledged" "roam:--accounting written"
+  small_case "100 KiB, 16 connections" f100k 16 "roam:--accounting acknowledged" "roam:--accounting written"
+}
+
+bench_store() {
+  mint_ids
+  echo "### Session store: disk (the default) against memory (wrk, $DURATION per run, $RUNS interleaved rounds)"
+  echo
+  small_case "1 KiB, 64 connections" f1k 64 "roam:--store disk" "roam:--store memory"
+  small_case "100 KiB, 16 connections" f100k 16 "roam:--store disk" "roam:--store memory"
+}
+
+bench_mptcp() {
+  mint_ids
+  echo "### Multipath TCP listener (the default) against TCP only, TCP clients (wrk, $DURATION per run, $RUNS interleaved rounds)"
+  echo
+  small_case "1 KiB, 64 connections" f1k 64 "roam:--mptcp on" "roam:--mptcp off"
+  small_case "100 KiB, 16 connections" f100k 16 "roam:--mptcp on" "roam:--mptcp off"
+  WRK_FILE=f1k WRK_CONNS=64
+  echo "#### New connection per 1 KiB request, 64 connections"
+  echo
+  interleave mptcp-accept handshake_once "roam:--mptcp on" "roam:--mptcp off"
+  report mptcp-accept "req/s|p50|p99|errors" "roam:--mptcp on" "roam:--mptcp off"
+}
+
+bench_runtime() {
+  mint_ids
+  echo "### roam runtime shape on one core (wrk, $DURATION per run, $RUNS interleaved rounds)"
+  echo
+  small_case "1 KiB, 64 connections" f1k 64 "roam:--runtime multi-thread" "roam:--runtime per-core"
+  small_case "100 KiB, 16 connections" f100k 16 "roam:--runtime multi-thread" "roam:--runtime per-core"
 }
 
 bench_answers() {
@@ -336,9 +462,14 @@ bench_answers() {
   echo "| request | req/s | p50 | p99 |"
   echo "|---|---|---|---|"
   start_roam
-  answers_once() { # path lua-args...
+  answers_once() { # wrk arguments...
     taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$@" >"$work/wrk.txt" 2>&1 || true
     awk '/Requests\/sec/ {r=$2} $1 == "50%" {p=$2} $1 == "99%" {q=$2} END {print r, p, q}' "$work/wrk.txt"
+  }
+  median_of_runs() {
+    local lines=()
+    for _ in $(seq "$RUNS"); do lines+=("$("$@")"); done
+    printf '%s\n' "${lines[@]}" | sort -g -k1,1 | sed -n "$(((RUNS + 1) / 2))p"
   }
   read -r r p50 p99 < <(median_of_runs answers_once "http://$ADDR/")
   echo "| GET / (mint an ID) | $r | $p50 | $p99 |"
@@ -350,31 +481,17 @@ bench_answers() {
   echo
 }
 
-bench_runtime() {
-  mint_ids
-  echo "### roam runtime shape on one core (wrk, $CONNECTIONS connections, median of $RUNS)"
-  echo
-  echo "| file | runtime | req/s | p50 | p99 |"
-  echo "|---|---|---|---|---|"
-  for file in f1k f100k; do
-    for mode in multi-thread per-core; do
-      start_roam --runtime "$mode"
-      read -r r p50 p99 _ < <(median_of_runs wrk_once "$file")
-      stop_server
-      echo "| $file | $mode | $r | $p50 | $p99 |"
-    done
-  done
-  echo
-}
-
-echo "<!-- $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r), roam $(git rev-parse --short HEAD 2>/dev/null || echo '?') -->"
+echo "<!-- $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r), roam $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo '+changes'), STORE=$STORE DURATION=$DURATION RUNS=$RUNS -->"
 case "${1:-all}" in
-  accounting) bench_accounting ;;
   small) bench_small ;;
   large) bench_large ;;
   conns) bench_conns ;;
+  tls) bench_tls ;;
+  accounting) bench_accounting ;;
+  store) bench_store ;;
+  mptcp) bench_mptcp ;;
   runtime) bench_runtime ;;
   answers) bench_answers ;;
-  all) bench_small; bench_large; bench_conns; bench_accounting; bench_runtime; bench_answers ;;
-  *) echo "usage: $0 accounting|small|large|conns|runtime|answers|all" >&2; exit 2 ;;
+  all) bench_small; bench_large; bench_conns; bench_tls; bench_accounting; bench_store; bench_mptcp; bench_runtime; bench_answers ;;
+  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|runtime|answers|all" >&2; exit 2 ;;
 esac

@@ -7,6 +7,8 @@
 //! # Layout
 //! In the order a request meets them:
 //! - [`server`]: accept loop, connection cap, the sweeper and the session writer, shutdown.
+//! - [`tls`]: HTTPS when configured: the certificate (reloaded on SIGHUP), and per connection
+//!   the TLS layer that maps acknowledged ciphertext to plaintext the client can use.
 //! - [`conn`]: one connection: reading heads, sending responses and files, settling what each
 //!   body's peer acknowledged (`conn::progress`), closing (`conn::close`), and why it ended
 //!   (`conn::end`).
@@ -39,3 +41,4 @@ pub mod session;
 pub mod settings;
 pub mod sys;
 pub mod throttle;
+pub mod tls;

@@ -173,12 +173,13 @@ fn serve_multi_thread(config: Config, prepared: Prepared, workers: usize) -> any
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on(async move {
-        let listener = roam::server::bind(config.listen, config.backlog)
+        let (listener, protocol) = roam::server::bind(config.listen, config.backlog, config.mptcp)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let svc = Service::with_sessions(config, prepared.sessions.clone())?;
-        announce(addr, &svc, workers, RuntimeMode::MultiThread)?;
+        announce(addr, &svc, workers, RuntimeMode::MultiThread, &protocol)?;
         prepared.watch_store(&svc);
+        reload_on_hangup(&svc);
         roam::server::run(listener, svc, prepared.shutdown()).await;
         tracing::info!("stopped");
         prepared.outcome()
@@ -193,18 +194,22 @@ fn serve_multi_thread(config: Config, prepared: Prepared, workers: usize) -> any
 /// address, sharing one service. No work stealing: each connection stays on the thread that
 /// accepted it.
 fn serve_per_core(config: Config, prepared: Prepared, workers: usize) -> anyhow::Result<()> {
-    let first = roam::server::bind_std(config.listen, config.backlog, true)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let (first, protocol) =
+        roam::server::bind_std(config.listen, config.backlog, true, config.mptcp)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = first.local_addr()?;
+    // Every worker's listener is of the first one's kind (SO_REUSEPORT groups one protocol).
+    let mptcp = matches!(protocol, roam::server::ListenProtocol::Mptcp);
     let mut listeners = vec![first];
     for _ in 1..workers {
         listeners.push(
-            roam::server::bind_std(addr, config.backlog, true)
-                .with_context(|| format!("cannot add a listener on {addr}"))?,
+            roam::server::bind_std(addr, config.backlog, true, mptcp)
+                .with_context(|| format!("cannot add a listener on {addr}"))?
+                .0,
         );
     }
     let svc = Service::with_sessions(config, prepared.sessions.clone())?;
-    announce(addr, &svc, workers, RuntimeMode::PerCore)?;
+    announce(addr, &svc, workers, RuntimeMode::PerCore, &protocol)?;
     let prepared = Arc::new(prepared);
     let share = svc.config().max_connections.div_ceil(workers).max(1);
     let stop = CancellationToken::new();
@@ -226,6 +231,7 @@ fn serve_per_core(config: Config, prepared: Prepared, workers: usize) -> anyhow:
                         let listener = tokio::net::TcpListener::from_std(listener)?;
                         if i == 0 {
                             prepared.watch_store(&svc);
+                            reload_on_hangup(&svc);
                             let stop = stop.clone();
                             let shutdown = prepared.shutdown();
                             tokio::spawn(async move {
@@ -267,9 +273,21 @@ fn announce(
     svc: &Service,
     workers: usize,
     mode: RuntimeMode,
+    protocol: &roam::server::ListenProtocol,
 ) -> anyhow::Result<()> {
-    println!("roam listening on http://{addr}");
+    let scheme = if svc.tls().is_some() { "https" } else { "http" };
+    println!("roam listening on {scheme}://{addr}");
     std::io::stdout().flush()?;
+    match protocol {
+        roam::server::ListenProtocol::Mptcp => {
+            tracing::info!("accepting Multipath TCP, and TCP from clients that do not use it");
+        }
+        roam::server::ListenProtocol::Tcp => tracing::info!("Multipath TCP off (--mptcp off)"),
+        roam::server::ListenProtocol::TcpFallback(e) => tracing::warn!(
+            error = %e,
+            "the kernel refused a Multipath TCP socket; accepting TCP only"
+        ),
+    }
     let cfg = svc.config();
     tracing::info!(
         %addr,
@@ -298,6 +316,14 @@ fn announce(
         flush_interval = ?cfg.flush_interval,
         "serving"
     );
+    if let Some(tls) = svc.tls() {
+        tracing::info!(
+            cert = %tls.files().cert.display(),
+            key = %tls.files().key.display(),
+            records = roam::tls::Tls::record_path(),
+            "HTTPS only (TLS 1.3 and 1.2)"
+        );
+    }
     Ok(())
 }
 
@@ -348,6 +374,41 @@ fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// SIGHUP reloads the TLS certificate and key: new handshakes use the new pair; a pair that
+/// cannot be used leaves the old one in place.
+fn reload_on_hangup(svc: &Arc<Service>) {
+    #[cfg(unix)]
+    {
+        let svc = Arc::clone(svc);
+        let mut hangups =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP");
+                    return;
+                }
+            };
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                let Some(tls) = svc.tls() else {
+                    tracing::info!("SIGHUP: nothing to reload");
+                    continue;
+                };
+                match tls.reload() {
+                    Ok(()) => tracing::info!(
+                        cert = %tls.files().cert.display(),
+                        "SIGHUP: TLS certificate reloaded; new connections use it"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: the new TLS certificate cannot be used; keeping the current one"
+                    ),
+                }
+            }
+        });
     }
 }
 

@@ -161,20 +161,53 @@ async fn sweep_sessions(svc: Arc<Service>, cancel: CancellationToken) {
     }
 }
 
-/// Binds a listener with a backlog sized for bursts of thousands of connections.
-pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    TcpListener::from_std(bind_std(addr, backlog, false)?)
+/// What a listener accepts.
+#[derive(Debug)]
+pub enum ListenProtocol {
+    /// Multipath TCP, and TCP from clients that do not ask for it (the kernel's fallback).
+    Mptcp,
+    /// TCP only, as configured (`--mptcp off`).
+    Tcp,
+    /// TCP only because the kernel refused a Multipath TCP socket (built without it, or
+    /// `net.mptcp.enabled=0`): the error it gave.
+    TcpFallback(io::Error),
+}
+
+/// Binds a listener with a backlog sized for bursts of thousands of connections; with `mptcp`,
+/// a Multipath TCP listener where the kernel offers one.
+pub fn bind(
+    addr: std::net::SocketAddr,
+    backlog: u32,
+    mptcp: bool,
+) -> io::Result<(TcpListener, ListenProtocol)> {
+    let (listener, protocol) = bind_std(addr, backlog, false, mptcp)?;
+    Ok((TcpListener::from_std(listener)?, protocol))
 }
 
 /// Binds a non-blocking std listener; with `reuse_port`, several may share one address and the
-/// kernel spreads connections among them.
+/// kernel spreads connections among them. With `mptcp`, the socket is `IPPROTO_MPTCP` when the
+/// kernel accepts it, else TCP (and the reason is returned, for the log).
 pub fn bind_std(
     addr: std::net::SocketAddr,
     backlog: u32,
     reuse_port: bool,
-) -> io::Result<std::net::TcpListener> {
+    mptcp: bool,
+) -> io::Result<(std::net::TcpListener, ListenProtocol)> {
     let domain = socket2::Domain::for_address(addr);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let (socket, protocol) = if mptcp {
+        match mptcp_socket(domain) {
+            Ok(socket) => (socket, ListenProtocol::Mptcp),
+            Err(e) => (
+                socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?,
+                ListenProtocol::TcpFallback(e),
+            ),
+        }
+    } else {
+        (
+            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?,
+            ListenProtocol::Tcp,
+        )
+    };
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     if reuse_port {
@@ -185,5 +218,24 @@ pub fn bind_std(
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    Ok(socket.into())
+    Ok((socket.into(), protocol))
+}
+
+/// A Multipath TCP stream socket. Kernels without MPTCP answer `EPROTONOSUPPORT` (or
+/// `EINVAL` on old ones), and `ENOPROTOOPT` when `net.mptcp.enabled` is 0.
+#[cfg(target_os = "linux")]
+fn mptcp_socket(domain: socket2::Domain) -> io::Result<socket2::Socket> {
+    socket2::Socket::new(
+        domain,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::MPTCP),
+    )
+}
+
+#[cfg(not(target_os = "linux"))]
+fn mptcp_socket(_domain: socket2::Domain) -> io::Result<socket2::Socket> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "Multipath TCP needs Linux",
+    ))
 }

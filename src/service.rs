@@ -9,6 +9,7 @@ use crate::id::IdAuthority;
 use crate::session::clock::SessionClock;
 use crate::session::{FileKey, SessionKey, Sessions, Store};
 use crate::settings::Config;
+use crate::tls::Tls;
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
@@ -27,6 +28,8 @@ pub struct Service {
     /// Present when `--mint-rate` is set.
     mint_limiter: Option<MintLimiter>,
     connection_ids: AtomicU64,
+    /// Present when the listener speaks HTTPS.
+    tls: Option<Tls>,
 }
 
 impl Service {
@@ -62,6 +65,10 @@ impl Service {
         let mint_limiter = config
             .mint_rate
             .map(|(rate, burst)| MintLimiter::new(rate, burst));
+        let tls = match &config.tls {
+            Some(files) => Some(Tls::load(files).map_err(io::Error::other)?),
+            None => None,
+        };
         Ok(Arc::new(Service {
             config,
             root: Arc::new(root),
@@ -71,11 +78,17 @@ impl Service {
             sessions,
             mint_limiter,
             connection_ids: AtomicU64::new(0),
+            tls,
         }))
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The TLS side, when the listener speaks HTTPS.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
     }
 
     /// The served folder.

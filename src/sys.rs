@@ -66,11 +66,158 @@ pub fn ack_counter(_fd: RawFd) -> io::Result<AckCounter> {
     Ok(AckCounter::Unknown)
 }
 
-/// Segments sent and not yet acknowledged (`tcpi_unacked`, in the part of the struct every
-/// kernel fills): zero when nothing is in flight.
+/// The transport under an accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP, including a client that did not ask for Multipath TCP on an MPTCP listener (the
+    /// kernel hands such a connection over as a plain TCP socket).
+    Tcp,
+    /// Multipath TCP: one connection over one or more subflows. Its acknowledgements are read
+    /// at the data level (`MPTCP_INFO`), never from one subflow's `TCP_INFO`.
+    Mptcp,
+}
+
+/// `IPPROTO_MPTCP` (include/uapi/linux/in.h).
+pub const IPPROTO_MPTCP: libc::c_int = 262;
+/// `SOL_MPTCP` (include/linux/socket.h); libc does not define it.
 #[cfg(target_os = "linux")]
-pub fn unacked_segments(fd: RawFd) -> io::Result<u32> {
-    Ok(tcp_info(fd)?.0.tcpi_unacked)
+const SOL_MPTCP: libc::c_int = 284;
+/// `MPTCP_INFO` (include/uapi/linux/mptcp.h).
+#[cfg(target_os = "linux")]
+const MPTCP_INFO: libc::c_int = 1;
+
+/// `struct mptcp_info` (include/uapi/linux/mptcp.h), up to the fields roam reads. Kernels fill
+/// a prefix: 5.9 up to `rcv_nxt`, 6.5 adds the byte counters.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MptcpInfo {
+    subflows: u8,
+    add_addr_signal: u8,
+    add_addr_accepted: u8,
+    subflows_max: u8,
+    add_addr_signal_max: u8,
+    add_addr_accepted_max: u8,
+    flags: u32,
+    token: u32,
+    write_seq: u64,
+    snd_una: u64,
+    rcv_nxt: u64,
+    local_addr_used: u8,
+    local_addr_max: u8,
+    csum_enabled: u8,
+    retransmits: u32,
+    bytes_retrans: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+    bytes_acked: u64,
+}
+
+/// The transport of an accepted socket, from `SO_PROTOCOL`.
+#[cfg(target_os = "linux")]
+pub fn transport(fd: RawFd) -> Transport {
+    let mut proto: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `proto` is a live c_int and `len` its exact size; the kernel writes at most `len`
+    // bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PROTOCOL,
+            (&mut proto as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 && proto == IPPROTO_MPTCP {
+        Transport::Mptcp
+    } else {
+        Transport::Tcp
+    }
+}
+
+/// Portable stub: only Linux has Multipath TCP.
+#[cfg(not(target_os = "linux"))]
+pub fn transport(_fd: RawFd) -> Transport {
+    Transport::Tcp
+}
+
+/// Reads `MPTCP_INFO`: the struct and how many bytes of it the kernel filled. Fails once the
+/// connection has fallen back to TCP (and on kernels before 5.16, which cannot read it from a
+/// socket).
+#[cfg(target_os = "linux")]
+fn mptcp_info(fd: RawFd) -> io::Result<(MptcpInfo, usize)> {
+    let mut info = MptcpInfo::default();
+    let mut len = std::mem::size_of::<MptcpInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a writable, plain-data struct of `len` bytes that lives across the
+    // call; the kernel writes at most `len` bytes and stores the number written in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            SOL_MPTCP,
+            MPTCP_INFO,
+            (&mut info as *mut MptcpInfo).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info, len as usize))
+}
+
+/// What the peer acknowledged, for a connection of `transport`.
+///
+/// On Multipath TCP this is the data level: `mptcpi_bytes_acked` (Linux 6.5+), the bytes of the
+/// connection's stream the peer's MPTCP stack acknowledged, whichever subflows carried them.
+/// `TCP_INFO` on an MPTCP socket describes its first subflow only, which after a path switch
+/// stops counting while the connection goes on. Kernels that fill less of `mptcp_info`, and
+/// connections that fell back to TCP (where `MPTCP_INFO` fails), use `SIOCOUTQ`, which the
+/// kernel answers at the connection level in both cases.
+#[cfg(target_os = "linux")]
+pub fn ack_counter_on(fd: RawFd, transport: Transport) -> io::Result<AckCounter> {
+    match transport {
+        Transport::Tcp => ack_counter(fd),
+        Transport::Mptcp => {
+            let needed = std::mem::offset_of!(MptcpInfo, bytes_acked) + std::mem::size_of::<u64>();
+            match mptcp_info(fd) {
+                Ok((info, filled)) if filled >= needed => {
+                    Ok(AckCounter::BytesAcked(info.bytes_acked))
+                }
+                _ => outstanding_bytes(fd).map(AckCounter::Outstanding),
+            }
+        }
+    }
+}
+
+/// Portable stub.
+#[cfg(not(target_os = "linux"))]
+pub fn ack_counter_on(fd: RawFd, _transport: Transport) -> io::Result<AckCounter> {
+    ack_counter(fd)
+}
+
+/// True when nothing sent is waiting for an acknowledgement. TCP: no segment in flight
+/// (`tcpi_unacked`). Multipath TCP: every byte sent at the data level is acknowledged
+/// (`mptcpi_bytes_sent` = `mptcpi_bytes_acked`, Linux 6.5+); on older kernels or after a
+/// fallback, the TCP answer (a fallen-back connection has one subflow, which `TCP_INFO`
+/// describes).
+#[cfg(target_os = "linux")]
+pub fn nothing_in_flight(fd: RawFd, transport: Transport) -> io::Result<bool> {
+    if transport == Transport::Mptcp {
+        let needed = std::mem::offset_of!(MptcpInfo, bytes_acked) + std::mem::size_of::<u64>();
+        if let Ok((info, filled)) = mptcp_info(fd) {
+            if filled >= needed {
+                return Ok(info.bytes_sent <= info.bytes_acked);
+            }
+        }
+    }
+    Ok(tcp_info(fd)?.0.tcpi_unacked == 0)
+}
+
+/// True while a Multipath TCP connection is still one (it has not fallen back to TCP).
+#[cfg(target_os = "linux")]
+pub fn mptcp_active(fd: RawFd) -> bool {
+    mptcp_info(fd).is_ok()
 }
 
 /// Whether the peer has ended its side of the connection, from the TCP state (`tcpi_state`):
@@ -272,4 +419,11 @@ pub fn raise_fd_limit() -> io::Result<u64> {
     }
     #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
     Ok(lim.rlim_cur as u64)
+}
+
+/// True when the kernel offers TLS offload to sockets (the `tls` upper-layer protocol is built
+/// in or loaded). Read once at start, to log which record path is in use.
+pub fn kernel_tls_available() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|ulps| ulps.split_whitespace().any(|u| u == "tls"))
 }

@@ -786,8 +786,8 @@ fn usage_error_exits_2() {
     let run = get(
         work.path(),
         work.path(),
-        "https",
-        &["https://127.0.0.1:1/file", "-o", "out"],
+        "ftp",
+        &["ftp://127.0.0.1:1/file", "-o", "out"],
         Duration::from_secs(30),
     );
     assert_eq!(run.code, Some(2), "stderr:\n{}", run.stderr);

@@ -75,6 +75,62 @@ fn exchange_raw(addr: SocketAddr, raw: &[u8]) -> (Vec<u8>, Ending) {
     drain(&mut s)
 }
 
+/// How a table test reaches the server: plain TCP, or TLS trusting the test's CA (the same
+/// hostile bytes, as plaintext inside records).
+#[derive(Clone)]
+enum Over {
+    Plain,
+    Tls(Arc<rustls::ClientConfig>),
+}
+
+/// [`exchange_raw`] over `over`.
+fn exchange_over(over: &Over, addr: SocketAddr, raw: &[u8]) -> (Vec<u8>, Ending) {
+    let Over::Tls(config) = over else {
+        return exchange_raw(addr, raw);
+    };
+    let mut s = support::tls::tls_connect(addr, config);
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(raw).unwrap();
+    let (out, end) = support::tls::drain_tls(&mut s);
+    let end = match end {
+        support::tls::TlsEnd::Closed => Ending::Eof,
+        support::tls::TlsEnd::Reset => Ending::Reset,
+        support::tls::TlsEnd::TimedOut => Ending::TimedOut,
+    };
+    (out, end)
+}
+
+/// A server for `root`, speaking TLS when `over` does; and a request helper that goes the
+/// same way.
+fn server_over(over: &Over, pki: &support::tls::TestPki, root: &Path) -> TestServer {
+    match over {
+        Over::Plain => TestServer::start(root),
+        Over::Tls(_) => {
+            let files = pki.files();
+            TestServer::start_with(root, move |cfg| cfg.tls = Some(files))
+        }
+    }
+}
+
+/// Both ways in.
+fn transports(pki: &support::tls::TestPki) -> [Over; 2] {
+    [Over::Plain, Over::Tls(pki.client_config())]
+}
+
+/// `GET /` over `over`: a fresh ID.
+fn mint_over(over: &Over, addr: SocketAddr) -> String {
+    let (resp, _) = exchange_over(
+        over,
+        addr,
+        b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    );
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    assert!(text.starts_with(ST_200), "{text}");
+    text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
+}
+
 /// The status line of a raw response (empty if there is none).
 fn status_line(raw: &[u8]) -> String {
     let end = raw
@@ -542,28 +598,32 @@ fn assert_no_leak(target: &str, raw: &[u8], tree: &HostileTree, hidden_allowed: 
 #[test]
 fn traversal_corpus_never_leaks_never_fails_and_the_server_keeps_serving() {
     let tree = HostileTree::new();
-    let srv = TestServer::start(&tree.root);
-    let id = srv.mint();
-    let mut corpus: Vec<(String, u16)> = TRAVERSAL_CORPUS
-        .iter()
-        .map(|(t, s)| (t.replace("{id}", &id), *s))
-        .collect();
-    corpus.push((format!("/{id}/{}token.txt", "../".repeat(10_000)), 414));
-    corpus.push((format!("/{id}/{}token.txt", "%2e%2e%2f".repeat(800)), 404));
-    assert!(corpus.len() >= 35);
-    for (target, expected) in &corpus {
-        let raw = format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-        let (resp, ending) = exchange_raw(srv.addr, raw.as_bytes());
-        let shown: String = target.chars().take(80).collect();
-        assert_eq!(ending, Ending::Eof, "{shown:?}: not closed cleanly");
-        assert_eq!(
-            status_code(&resp),
-            *expected,
-            "{shown:?}: {:?}",
-            String::from_utf8_lossy(&resp)
-        );
-        assert_no_leak(target, &resp, &tree, false);
+    let pki = support::tls::TestPki::new(&[]);
+    for over in transports(&pki) {
+        let srv = server_over(&over, &pki, &tree.root);
+        let id = mint_over(&over, srv.addr);
+        let mut corpus: Vec<(String, u16)> = TRAVERSAL_CORPUS
+            .iter()
+            .map(|(t, s)| (t.replace("{id}", &id), *s))
+            .collect();
+        corpus.push((format!("/{id}/{}token.txt", "../".repeat(10_000)), 414));
+        corpus.push((format!("/{id}/{}token.txt", "%2e%2e%2f".repeat(800)), 404));
+        assert!(corpus.len() >= 35);
+        for (target, expected) in &corpus {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+            let (resp, ending) = exchange_over(&over, srv.addr, raw.as_bytes());
+            let shown: String = target.chars().take(80).collect();
+            assert_eq!(ending, Ending::Eof, "{shown:?}: not closed cleanly");
+            assert_eq!(
+                status_code(&resp),
+                *expected,
+                "{shown:?}: {:?}",
+                String::from_utf8_lossy(&resp)
+            );
+            assert_no_leak(target, &resp, &tree, false);
+        }
     }
+    let srv = TestServer::start(&tree.root);
     // The two legitimate ones are the right files. (Fresh IDs: a client that has the whole
     // file gets 416 when it asks again without Range.)
     let fetch = |srv: &TestServer, path: &str| {
@@ -761,12 +821,14 @@ fn smuggling_and_framing_attacks_get_one_400_and_the_hidden_request_is_never_ans
     const ANSWER: &str = "HIDDEN-REQUEST-ANSWERED";
     let root = Root::new();
     root.file("ok.txt", ANSWER.as_bytes());
-    let srv = TestServer::start(root.path());
-    let id = srv.mint();
-    let hidden = format!("GET /{id}/ok.txt HTTP/1.1\r\nHost: test\r\n\r\n");
-    let n = hidden.len();
-    let get_with = |fields: &str| format!("GET / HTTP/1.1\r\nHost: test\r\n{fields}\r\n");
-    let cases: Vec<(&str, String)> = vec![
+    let pki = support::tls::TestPki::new(&[]);
+    for over in transports(&pki) {
+        let srv = server_over(&over, &pki, root.path());
+        let id = mint_over(&over, srv.addr);
+        let hidden = format!("GET /{id}/ok.txt HTTP/1.1\r\nHost: test\r\n\r\n");
+        let n = hidden.len();
+        let get_with = |fields: &str| format!("GET / HTTP/1.1\r\nHost: test\r\n{fields}\r\n");
+        let cases: Vec<(&str, String)> = vec![
         (
             "CL and TE",
             get_with(&format!(
@@ -872,31 +934,35 @@ fn smuggling_and_framing_attacks_get_one_400_and_the_hidden_request_is_never_ans
             "GET / HTTP/1.1\r\nHost: test\rX: y\r\n\r\n".to_owned(),
         ),
     ];
-    for (name, head) in &cases {
-        let (resp, ending) = exchange_raw(srv.addr, format!("{head}{hidden}").as_bytes());
-        let text = String::from_utf8_lossy(&resp);
-        assert_eq!(status_line(&resp), ST_400, "{name}: {text:?}");
-        assert_eq!(
-            text.matches("HTTP/1.1 ").count(),
-            1,
-            "{name}: more than one response: {text:?}"
+        for (name, head) in &cases {
+            let (resp, ending) =
+                exchange_over(&over, srv.addr, format!("{head}{hidden}").as_bytes());
+            let text = String::from_utf8_lossy(&resp);
+            assert_eq!(status_line(&resp), ST_400, "{name}: {text:?}");
+            assert_eq!(
+                text.matches("HTTP/1.1 ").count(),
+                1,
+                "{name}: more than one response: {text:?}"
+            );
+            assert!(
+                !text.contains(ANSWER),
+                "{name}: answered the hidden request"
+            );
+            assert!(
+                text.contains("\r\nConnection: close\r\n"),
+                "{name}: {text:?}"
+            );
+            assert_eq!(ending, Ending::Eof, "{name}: connection left open");
+        }
+        // The hidden request on its own is fine: the answers above were refusals, not outages.
+        let (resp, _) = exchange_over(
+            &over,
+            srv.addr,
+            format!("GET /{id}/ok.txt HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         );
-        assert!(
-            !text.contains(ANSWER),
-            "{name}: answered the hidden request"
-        );
-        assert!(
-            text.contains("\r\nConnection: close\r\n"),
-            "{name}: {text:?}"
-        );
-        assert_eq!(ending, Ending::Eof, "{name}: connection left open");
+        assert_eq!(status_line(&resp), ST_200);
     }
-    // The hidden request on its own is fine: the answers above were refusals, not outages.
-    let (resp, _) = exchange_raw(
-        srv.addr,
-        format!("GET /{id}/ok.txt HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-    );
-    assert_eq!(status_line(&resp), ST_200);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1508,6 +1574,11 @@ fn descriptor_exhaustion_is_logged_once_per_burst_and_service_recovers() {
         root.path(),
         &["--header-timeout", "60s", "--idle-timeout", "60s"],
     );
+    // The disk store opens in the background while roam listens; it needs descriptors too, so
+    // the flood waits until it is open (this test is about accepting, not the store).
+    wait_until("the session store is open", Duration::from_secs(30), || {
+        srv.log().contains("session store open")
+    });
     let id = srv.mint();
     // A connection closing during the flood would free a descriptor and start a second burst.
     wait_until(
@@ -1606,6 +1677,10 @@ fn the_file_table_never_starves_the_server_of_descriptors() {
         root.file(&format!("f{i}.txt"), format!("file {i}").as_bytes());
     }
     let srv = Binary::start_under(&["prlimit", "--nofile=64:64"], root.path(), &[]);
+    // The disk store opens in the background and needs descriptors too: counted from its open.
+    wait_until("the session store is open", Duration::from_secs(30), || {
+        srv.log().contains("session store open")
+    });
     let id = srv.mint();
     let mut c = connect(srv.addr);
     let mut failed = Vec::new();

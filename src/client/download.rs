@@ -3,7 +3,7 @@
 //! backing off between broken attempts.
 
 use super::attempt::{self, Answer, Decision, Holding};
-use super::http::{self, Exchange, Url};
+use super::http::{self, Connector, Exchange, Url};
 use super::state::ResumeState;
 use super::{has_roam_id, GetError, GetOptions, Observer, Summary};
 use std::fs::{File, OpenOptions};
@@ -26,6 +26,8 @@ pub(super) struct Download<'a> {
     pub(super) file: Option<File>,
     pub(super) summary: Summary,
     pub(super) started: Instant,
+    /// Opens connections (TLS for https://).
+    pub(super) connector: Connector,
 }
 
 /// What one attempt achieved.
@@ -113,6 +115,9 @@ impl Download<'_> {
                     return Ok(source.with_path(format!("/{id}{}", source.path)));
                 }
                 Ok(None) => return Ok(source.clone()),
+                Err(e) if http::handshake_refused(&e).is_some() => {
+                    return Err(GetError::Untrusted(e.to_string()))
+                }
                 Err(e) => {
                     failures += 1;
                     self.back_off(failures, &e.to_string(), obs).await?;
@@ -123,7 +128,7 @@ impl Download<'_> {
 
     /// `GET /`: a roam server answers with a client ID and `Server: roam/…`.
     async fn probe_mint(&self, root: &Url) -> io::Result<Option<String>> {
-        let mut ex = http::get(root, &[], self.opts.stall_timeout).await?;
+        let mut ex = http::get(&self.connector, root, &[], self.opts.stall_timeout).await?;
         // A busy or rate-limiting server is not an answer to "are you roam?": try again later.
         if matches!(ex.head.status, 408 | 429 | 500..=599) {
             return Err(io::Error::other(format!(
@@ -243,8 +248,12 @@ impl Download<'_> {
         if let Some(etag) = &self.state.etag {
             headers.push(("If-Range", etag.clone()));
         }
-        let mut ex = match http::get(url, &headers, self.opts.stall_timeout).await {
+        let mut ex = match http::get(&self.connector, url, &headers, self.opts.stall_timeout).await
+        {
             Ok(ex) => ex,
+            Err(e) if http::handshake_refused(&e).is_some() => {
+                return Err(GetError::Untrusted(e.to_string()))
+            }
             Err(e) => {
                 return Ok(Attempt::Broken {
                     progressed: false,

@@ -44,6 +44,12 @@ pub struct GetOptions {
     pub max_retry_delay: Duration,
     /// Treat the server as a plain HTTP server even if it is roam (no client ID).
     pub plain: bool,
+    /// For https:// URLs: trust only the certificates in this PEM file (a private CA) instead
+    /// of the system's roots.
+    pub cacert: Option<PathBuf>,
+    /// Open Multipath TCP connections (where the kernel has it): the connection survives a
+    /// change of network without a reconnect when the server speaks it too.
+    pub mptcp: bool,
 }
 
 /// How a download ended without a file. Each maps to a documented exit code.
@@ -63,6 +69,10 @@ pub enum GetError {
         actual: String,
         part: String,
     },
+    /// The TLS handshake failed (the server's certificate is not trusted or does not name
+    /// it): retrying cannot help.
+    #[error("{0} (use --cacert for a private CA)")]
+    Untrusted(String),
     #[error("{0}")]
     Local(#[from] io::Error),
 }
@@ -73,7 +83,7 @@ impl GetError {
         match self {
             GetError::Local(_) => 1,
             GetError::Usage(_) => 2,
-            GetError::Refused { .. } => 3,
+            GetError::Refused { .. } | GetError::Untrusted(_) => 3,
             GetError::GaveUp { .. } | GetError::OutOfTime(_) => 4,
             GetError::Integrity { .. } => 5,
         }
@@ -115,7 +125,14 @@ pub async fn get(opts: &GetOptions, obs: &mut dyn Observer) -> Result<Summary, G
     };
     let part = part_path(&output);
     let state_path = state::path_for(&part);
+    let connector = if source.tls {
+        http::Connector::with_tls(opts.cacert.as_deref()).map_err(GetError::Usage)?
+    } else {
+        http::Connector::plain()
+    }
+    .mptcp(opts.mptcp);
     let mut dl = Download {
+        connector,
         opts,
         part: part.clone(),
         state_path,

@@ -96,7 +96,8 @@ impl Download<'_> {
         let mut pause = DIGEST_POLL_FIRST;
         let mut told = false;
         loop {
-            let Ok(head) = http::head(&url, &[], self.opts.stall_timeout).await else {
+            let Ok(head) = http::head(&self.connector, &url, &[], self.opts.stall_timeout).await
+            else {
                 return DigestCheck::Unavailable("the server could not be asked for its digest");
             };
             if head.field("etag") != Some(etag.as_str()) {

@@ -79,7 +79,25 @@ impl Connection {
     /// was stopping for another reason): then the peer ended it. The pending socket error tells
     /// a reset that followed the peer's FIN (`EPIPE`: it closed after reading) from one that did
     /// not (`ECONNRESET`).
+    ///
+    /// On a Multipath TCP connection the TCP state is its first subflow's, which a lost path
+    /// closes while the connection lives on; there the connection's pending error says it: a
+    /// client's reset (MP_FASTCLOSE, or a reset of every subflow) leaves `ECONNRESET`.
     fn unless_peer_left(&self, end: Ending) -> Ending {
+        #[cfg(target_os = "linux")]
+        if self.transport == sys::Transport::Mptcp && sys::mptcp_active(self.fd) {
+            return match self.stream.take_error() {
+                Ok(Some(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    Ending::from_io(e)
+                }
+                _ => end,
+            };
+        }
         #[cfg(target_os = "linux")]
         if sys::peer_ended(self.fd) == Some(sys::PeerEnd::Reset) {
             return match self.stream.take_error() {
@@ -120,7 +138,7 @@ impl Connection {
     fn nothing_in_flight(&self) -> bool {
         #[cfg(target_os = "linux")]
         {
-            sys::unacked_segments(self.fd).map_or(true, |n| n == 0)
+            sys::nothing_in_flight(self.fd, self.transport).unwrap_or(true)
         }
         #[cfg(not(target_os = "linux"))]
         {
@@ -129,8 +147,8 @@ impl Connection {
     }
 
     /// True when the peer has acknowledged every byte we wrote (or we cannot tell).
-    fn all_delivered(&self) -> bool {
-        match sys::ack_counter(self.fd) {
+    fn all_delivered(&mut self) -> bool {
+        match self.ack_counter() {
             Ok(counter) => self.deliveries.delivered(counter) >= self.deliveries.written(),
             Err(_) => true,
         }
@@ -141,6 +159,7 @@ impl Connection {
     /// what the peer sends so that unread request bytes do not make the kernel reset the
     /// connection (destroying the end of our response) when we close.
     async fn linger(&mut self) -> Lingered {
+        self.tls_close_notify();
         let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
         let started = Instant::now();
         let ack_deadline = started + self.svc.config().write_stall_timeout;

@@ -10,6 +10,7 @@ mod close;
 pub mod end;
 pub mod progress;
 mod send;
+mod tls;
 
 use self::end::Ending;
 use self::progress::Deliveries;
@@ -21,6 +22,7 @@ use crate::session::ConnectionHandle;
 use crate::settings::Accounting;
 use crate::sys::{self, AckCounter};
 use crate::throttle::LogThrottle;
+use crate::tls::conn::TlsLayer;
 use bytes::{Buf, BytesMut};
 use std::io;
 use std::net::SocketAddr;
@@ -43,6 +45,14 @@ const SETTLE_BATCH: usize = 16;
 /// At most one warning a second for server-side request failures.
 static OURS_LOG: LogThrottle = LogThrottle::new();
 
+/// What one read from the socket brought.
+enum Received {
+    /// Request bytes (possibly none yet: part of a TLS record).
+    Bytes,
+    /// The peer closed its side.
+    Closed,
+}
+
 /// Why reading a request stopped.
 enum ReadEnd {
     Bad(RequestError),
@@ -61,6 +71,13 @@ struct Connection {
     deliveries: Deliveries,
     /// Whether `TCP_NOTSENT_LOWAT` is set yet (it is, from the first large body on).
     lowat_set: bool,
+    /// The TLS layer, on an HTTPS listener (boxed: plain connections stay small).
+    tls: Option<Box<TlsLayer>>,
+    /// A plain-HTTP request arrived on the HTTPS listener: it is answered with a cleartext
+    /// `400` saying so, then the connection closes.
+    plain_on_tls_port: bool,
+    /// TCP or Multipath TCP: where acknowledgements are read.
+    transport: sys::Transport,
 }
 
 /// Serves one accepted connection to the end. Never panics on peer behaviour; every error ends
@@ -71,10 +88,12 @@ pub async fn serve(
     svc: Arc<Service>,
     shutdown: CancellationToken,
 ) {
-    configure_socket(&stream, &svc);
     let fd = stream.as_raw_fd();
-    let at_accept = sys::ack_counter(fd).unwrap_or(AckCounter::Unknown);
+    let transport = sys::transport(fd);
+    configure_socket(&stream, &svc, transport);
+    let at_accept = sys::ack_counter_on(fd, transport).unwrap_or(AckCounter::Unknown);
     let handle = ConnectionHandle::new(svc.next_connection_id(), peer.ip(), &shutdown);
+    let tls = svc.tls().is_some();
     let mut conn = Connection {
         stream,
         fd,
@@ -83,14 +102,32 @@ pub async fn serve(
         handle,
         shutdown,
         buf: BytesMut::new(),
-        deliveries: Deliveries::new(at_accept),
+        // Through TLS the layer counts from the handshake's baseline and reports plaintext.
+        deliveries: Deliveries::new(if tls {
+            AckCounter::BytesAcked(0)
+        } else {
+            at_accept
+        }),
         lowat_set: false,
+        tls: None,
+        plain_on_tls_port: false,
+        transport,
     };
-    let end = conn.run().await;
+    let end = match conn.start_tls(at_accept).await {
+        Ok(()) => conn.run().await,
+        Err(end) => end,
+    };
     conn.close(end).await;
 }
 
-fn configure_socket(stream: &TcpStream, svc: &Service) {
+/// Socket options, checked on both transports (Linux 6.18; `net/mptcp/sockopt.c`): on
+/// Multipath TCP, `TCP_NODELAY` and keepalive apply to every subflow, and `TCP_NOTSENT_LOWAT`
+/// (conn/send.rs) and `SO_LINGER` (conn/close.rs; 0 sends MP_FASTCLOSE, a reset of the whole
+/// connection) work at the connection level. `TCP_USER_TIMEOUT` is refused (`ENOPROTOOPT`),
+/// so it is skipped there: `--write-stall-timeout` already bounds every write and the wait for
+/// final acknowledgements on both transports, which is what drops a vanished peer; the kernel
+/// keeps retrying each subflow by its own rules, which harms nothing once roam has closed.
+fn configure_socket(stream: &TcpStream, svc: &Service, transport: sys::Transport) {
     let cfg = svc.config();
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(stream);
@@ -102,7 +139,7 @@ fn configure_socket(stream: &TcpStream, svc: &Service) {
         tracing::debug!(error = %e, "cannot set TCP keepalive");
     }
     #[cfg(target_os = "linux")]
-    {
+    if transport == sys::Transport::Tcp {
         if let Err(e) = sock.set_tcp_user_timeout(Some(cfg.tcp_user_timeout)) {
             tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
         }
@@ -126,6 +163,15 @@ impl Connection {
                 }
             };
             first = false;
+            if self.plain_on_tls_port {
+                let err = RequestError::PlainHttpOnTlsPort;
+                self.log_error(&err, Some(&req));
+                let resp = respond::error_response(&err, req.method == Method::Head);
+                return match self.send(resp, true, req.http10).await {
+                    Ok(()) => Ending::Done,
+                    Err(end) => end,
+                };
+            }
             // Confirm what earlier responses delivered before this request can read their
             // records: only a request from the same client can (its sessions are keyed by its
             // ID), so responses to other clients sharing the connection (a proxy, a load
@@ -194,6 +240,9 @@ impl Connection {
                 if self.buf.capacity() > 0 {
                     self.buf = BytesMut::new();
                 }
+                if let Some(tls) = &mut self.tls {
+                    tls.release_buffers();
+                }
             } else {
                 match request::parse(&self.buf, &limits) {
                     Ok(Some((req, n))) => {
@@ -224,8 +273,8 @@ impl Connection {
                     if self.buf.capacity() == self.buf.len() {
                         self.buf.reserve(READ_CHUNK);
                     }
-                    match self.stream.try_read_buf(&mut self.buf) {
-                        Ok(0) => {
+                    match self.read_some() {
+                        Ok(Received::Closed) => {
                             // The peer closed its side. With a body still unconfirmed, it
                             // left while bytes were in flight.
                             self.settle();
@@ -235,10 +284,20 @@ impl Connection {
                                 Ending::Done
                             }));
                         }
-                        Ok(_) => {}
+                        Ok(Received::Bytes) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                            // The client broke TLS (a bad record, a fatal alert): it ended
+                            // the connection, and what it kept of the last records is unknown.
+                            tracing::debug!(peer = %self.peer, error = %e, "TLS error from the client");
+                            self.try_flush_tls();
+                            self.settle();
+                            return Err(ReadEnd::End(Ending::PeerReset(e)));
+                        }
                         Err(e) => return Err(ReadEnd::End(Ending::from_io(e))),
                     }
+                    // Records rustls owes the peer (an answer to its KeyUpdate) go out now.
+                    self.flush_tls(false).await.map_err(ReadEnd::End)?;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(if head_deadline.is_some() {
@@ -272,7 +331,7 @@ impl Connection {
         }
         let counter = match self.svc.config().accounting {
             Accounting::Written => AckCounter::Unknown,
-            Accounting::Acknowledged => match sys::ack_counter(self.fd) {
+            Accounting::Acknowledged => match self.ack_counter() {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot read TCP_INFO");
@@ -281,5 +340,15 @@ impl Connection {
             },
         };
         self.deliveries.settle(counter);
+    }
+
+    /// The kernel's acknowledgement counter, in bytes of the stream `deliveries` counts: as
+    /// read on a plain connection, turned into usable plaintext through TLS.
+    fn ack_counter(&mut self) -> io::Result<AckCounter> {
+        let counter = sys::ack_counter_on(self.fd, self.transport)?;
+        Ok(match &mut self.tls {
+            Some(tls) => tls.plaintext_counter(counter),
+            None => counter,
+        })
     }
 }

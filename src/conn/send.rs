@@ -30,6 +30,10 @@ const TAIL: u64 = 16 * 1024;
 /// reads 1.39 GB/s).
 const READ_SIZE: u64 = 256 * 1024;
 
+/// Plaintext encrypted and written at a time on a TLS connection: four full records (measured
+/// in docs/benchmarks.md).
+const TLS_CHUNK: u64 = 64 * 1024;
+
 /// Why the `sendfile` loop stopped short.
 #[cfg(target_os = "linux")]
 enum SendfileEnd {
@@ -135,7 +139,7 @@ impl Connection {
     /// a HEAD's `Roam-Offset`) follows a slow reader.
     /// With `stoppable` (between file chunks), shutdown ends the wait; heads and small bodies
     /// are finished so that a request answered during shutdown gets its whole answer.
-    async fn writable(&mut self, stoppable: bool) -> Result<(), Ending> {
+    pub(super) async fn writable(&mut self, stoppable: bool) -> Result<(), Ending> {
         let stall_deadline = Instant::now() + self.svc.config().write_stall_timeout;
         // Past shutdown, a head or small body in progress is finished (only a takeover, which
         // cannot happen any more, would interrupt it).
@@ -168,6 +172,15 @@ impl Connection {
         more: bool,
         body: Option<BodyId>,
     ) -> Result<(), Ending> {
+        if self.tls.is_some() {
+            // Through TLS `more` keeps the records in our buffer, to leave with what follows.
+            self.tls_encrypt(buf, body)?;
+            return if more {
+                Ok(())
+            } else {
+                self.flush_tls(false).await
+            };
+        }
         while !buf.is_empty() {
             let fd = self.fd;
             let r = self.stream.try_io(Interest::WRITABLE, || {
@@ -202,6 +215,18 @@ impl Connection {
         end: u64,
         body: Option<BodyId>,
     ) -> Result<(), Ending> {
+        if self.tls.is_some() {
+            return self.encrypted_loop(file, start, end, body).await;
+        }
+        // Multipath TCP copies what it is given into its own buffers (to send it again on
+        // another subflow), so `sendfile` is no zero-copy there: measured on loopback it was
+        // slower than reading and writing and cost more CPU per byte
+        // (scripts/mptcp-sendfile.py, docs/benchmarks.md). A connection that fell back to TCP
+        // is a TCP socket again, and gets `sendfile`.
+        #[cfg(target_os = "linux")]
+        if self.transport == sys::Transport::Mptcp && sys::mptcp_active(self.fd) {
+            return self.copy_loop(file, start, end, body).await;
+        }
         #[cfg(target_os = "linux")]
         {
             match self.sendfile_loop(file, start, end, body).await {
@@ -292,6 +317,96 @@ impl Connection {
                 }
                 Err(e) => return Err(SendfileEnd::End(Ending::from_io(e))),
             }
+        }
+        Ok(())
+    }
+
+    /// Through TLS: positioned reads of whole records' worth, encrypted, written; progress
+    /// settled at the same milestones as `sendfile`. The reads hit the page cache like
+    /// `sendfile` does, on this thread.
+    async fn encrypted_loop(
+        &mut self,
+        file: &Source,
+        start: u64,
+        end: u64,
+        body: Option<BodyId>,
+    ) -> Result<(), Ending> {
+        let interval = self.svc.config().progress_interval;
+        let mut plain = vec![0u8; (end - start).min(TLS_CHUNK) as usize];
+        let mut pos = start;
+        let mut since_settle = 0u64;
+        while pos < end {
+            let len = (end - pos).min(TLS_CHUNK) as usize;
+            match read_at(&file.file, &mut plain[..len], pos) {
+                Ok(n) if n == len => {}
+                Ok(_) => return Err(Ending::FileChanged("file shrank during transfer")),
+                Err(e) => {
+                    tracing::warn!(error = %e, "file read failed mid-transfer");
+                    return Err(Ending::FileChanged("file read failed"));
+                }
+            }
+            self.tls_encrypt(&plain[..len], body)?;
+            pos += len as u64;
+            since_settle += len as u64;
+            self.flush_tls(true).await?;
+            let milestone = since_settle >= interval;
+            if milestone {
+                since_settle = 0;
+                self.settle();
+            }
+            self.between_chunks(file, milestone)?;
+        }
+        Ok(())
+    }
+
+    /// Multipath TCP: positioned reads into one reused buffer (from the page cache, on this
+    /// thread, as `sendfile` reads), then ordinary writes; progress settled at the same
+    /// milestones as `sendfile`.
+    #[cfg(target_os = "linux")]
+    async fn copy_loop(
+        &mut self,
+        file: &Source,
+        start: u64,
+        end: u64,
+        body: Option<BodyId>,
+    ) -> Result<(), Ending> {
+        let interval = self.svc.config().progress_interval;
+        let mut chunk = vec![0u8; (end - start).min(READ_SIZE) as usize];
+        let mut pos = start;
+        let mut since_settle = 0u64;
+        while pos < end {
+            let len = (end - pos).min(READ_SIZE) as usize;
+            match read_at(&file.file, &mut chunk[..len], pos) {
+                Ok(n) if n == len => {}
+                Ok(_) => return Err(Ending::FileChanged("file shrank during transfer")),
+                Err(e) => {
+                    tracing::warn!(error = %e, "file read failed mid-transfer");
+                    return Err(Ending::FileChanged("file read failed"));
+                }
+            }
+            let mut rest = &chunk[..len];
+            while !rest.is_empty() {
+                match self.stream.try_write(rest) {
+                    Ok(n) => {
+                        rest = &rest[n..];
+                        self.deliveries.wrote(n as u64, body);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.settle();
+                        self.writable(true).await?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Ending::from_io(e)),
+                }
+            }
+            pos += len as u64;
+            since_settle += len as u64;
+            let milestone = since_settle >= interval;
+            if milestone {
+                since_settle = 0;
+                self.settle();
+            }
+            self.between_chunks(file, milestone)?;
         }
         Ok(())
     }

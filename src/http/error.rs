@@ -45,6 +45,10 @@ pub enum RequestError {
     /// being aborted, and nothing is sent.
     #[error("taken over by a newer request")]
     TakenOver,
+    /// A plain-HTTP request arrived on a port that speaks only HTTPS (answered in cleartext, then
+    /// the connection closes).
+    #[error("this port speaks HTTPS: use an https:// URL")]
+    PlainHttpOnTlsPort,
     /// Our own I/O failed (opening the file, descriptor exhaustion).
     #[error("internal error: {0}")]
     Internal(#[source] io::Error),
@@ -79,6 +83,7 @@ impl RequestError {
             RequestError::SessionsFull => (ServiceUnavailable, false, true),
             RequestError::StoreUnavailable(_) => (ServiceUnavailable, false, true),
             RequestError::TakenOver => (ServiceUnavailable, true, false),
+            RequestError::PlainHttpOnTlsPort => (BadRequest, true, false),
             RequestError::Internal(_) => (InternalServerError, false, true),
         };
         Disposition {

@@ -35,7 +35,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// What to download (http:// only).
+    /// What to download (an http:// or https:// URL).
     pub url: String,
     /// Where to put the finished file (default: the URL's last path segment).
     #[arg(short, long)]
@@ -59,6 +59,14 @@ pub struct GetArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
+    /// For https:// URLs: trust the certificates in this PEM file (a private CA) instead of
+    /// the system's root certificates.
+    #[arg(long, env = "ROAM_GET_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// Use Multipath TCP where the kernel has it: with a server that speaks it, a change of
+    /// network keeps the connection (no reconnect). Otherwise the kernel falls back to TCP.
+    #[arg(long, env = "ROAM_GET_MPTCP", value_enum, default_value = "on")]
+    pub mptcp: Switch,
 }
 
 impl GetArgs {
@@ -71,6 +79,8 @@ impl GetArgs {
             max_time: self.max_time,
             max_retry_delay: self.max_retry_delay,
             plain: self.plain,
+            cacert: self.cacert.clone(),
+            mptcp: self.mptcp.on(),
         }
     }
 }
@@ -80,6 +90,19 @@ impl GetArgs {
 pub enum RuntimeMode {
     MultiThread,
     PerCore,
+}
+
+/// A feature switch on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn on(self) -> bool {
+        self == Switch::On
+    }
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +215,17 @@ pub struct ServeArgs {
     /// new epochs and ends are written sooner).
     #[arg(long, env = "ROAM_FLUSH_INTERVAL", value_parser = duration, default_value = "50ms")]
     pub flush_interval: Duration,
+    /// Certificate chain (PEM, leaf first): with --tls-key, the listener speaks HTTPS only
+    /// (TLS 1.2 and 1.3). SIGHUP reloads both files.
+    #[arg(long, env = "ROAM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "ROAM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept Multipath TCP (a client's connection survives a switch of network); clients that
+    /// do not use it are served over TCP as before. On a kernel without it: TCP, logged.
+    #[arg(long, env = "ROAM_MPTCP", value_enum, default_value = "on")]
+    pub mptcp: Switch,
 }
 
 fn mint_rate(s: &str) -> Result<(f64, u32), String> {
@@ -258,6 +292,11 @@ impl ServeArgs {
         config.store = self.store;
         config.state_dir = self.state_dir;
         config.flush_interval = self.flush_interval;
+        config.mptcp = self.mptcp.on();
+        config.tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+            _ => None,
+        };
         config.validate()
     }
 }

@@ -46,6 +46,9 @@ pub const DEFAULT_STATE_DIR: &str = "./roam-state";
 /// How long a change to a session may wait in memory before the write-behind layer commits it
 /// (one sync per batch). Measured in docs/benchmarks.md.
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+/// Accept Multipath TCP by default: plain TCP clients are handed over as TCP sockets by the
+/// kernel, so they pay nothing for it (docs/benchmarks.md, "Multipath TCP").
+pub const DEFAULT_MPTCP: bool = true;
 pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
@@ -113,6 +116,10 @@ pub struct Config {
     pub store: StoreKind,
     pub state_dir: PathBuf,
     pub flush_interval: Duration,
+    /// Certificate chain and key: the listener speaks HTTPS only. `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Listen with Multipath TCP where the kernel has it (TCP otherwise).
+    pub mptcp: bool,
 }
 
 /// A setting that cannot work.
@@ -153,6 +160,8 @@ impl Config {
             store: StoreKind::Disk,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             flush_interval: DEFAULT_FLUSH_INTERVAL,
+            tls: None,
+            mptcp: DEFAULT_MPTCP,
         }
     }
 

@@ -404,7 +404,7 @@ fn sweep_stale_namespaces() {
     }
 }
 
-fn ip<I, S>(args: I) -> io::Result<()>
+pub fn ip<I, S>(args: I) -> io::Result<()>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,

@@ -26,9 +26,17 @@ impl TestServer {
         Self::start_with(root, |_| {})
     }
 
-    /// Serves `root` with settings adjusted by `tweak`.
+    /// Serves `root` with settings adjusted by `tweak`, on a listener bound as `roam serve`
+    /// binds it by default (Multipath TCP where the kernel has it), so every test's TCP
+    /// clients go through the kernel's fallback as real ones do.
     pub fn start_with(root: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (listener, _protocol) = roam::server::bind_std(
+            "127.0.0.1:0".parse().unwrap(),
+            1024,
+            false,
+            roam::settings::config::DEFAULT_MPTCP,
+        )
+        .unwrap();
         Self::start_on(listener, root, tweak)
     }
 
