@@ -15,13 +15,15 @@
 #   scripts/bench.sh accounting   # roam with acknowledged vs written accounting
 #   scripts/bench.sh store        # roam with --store disk vs memory (1 KiB, 100 KiB)
 #   scripts/bench.sh mptcp        # roam's Multipath TCP listener vs TCP only, for TCP clients
+#   scripts/bench.sh cold         # 1 KiB latency while 16 cold large files stream (page cache dropped)
 #   (sendfile against read-and-write on MPTCP sockets: scripts/mptcp-sendfile.py)
 #   scripts/bench.sh runtime      # roam multi-thread vs per-core runtime (1 KiB, 100 KiB)
 #   scripts/bench.sh answers      # roam: minting IDs (GET /), repeated requests for finished files (416)
 #   scripts/bench.sh all
 #
 # Knobs (environment): DURATION (5s), RUNS (5 rounds), IDS (2000), STORE (disk: roam's default),
-# SERVER_CORE (0), LOAD_CORE (1). BENCH_DEBUG=1 shows wrk's output.
+# SERVER_CORE (0), LOAD_CORE (1), OTHER_ROAM (another roam binary, compared as "other-roam"
+# where a case supports it). BENCH_DEBUG=1 shows wrk's output.
 # Needs: wrk, nginx, lighttpd, curl, openssl, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,7 +97,7 @@ start_roam() {
   local tls=()
   [ "$SCHEME" = https ] && tls=(--tls-cert "$work/tls/leaf.pem" --tls-key "$work/tls/leaf.key")
   rm -rf "$work/state"
-  taskset -c "$SERVER_CORE" target/release/roam serve --root "$root" --listen 127.0.0.1:0 \
+  taskset -c "$SERVER_CORE" "${ROAM_BIN:-target/release/roam}" serve --root "$root" --listen 127.0.0.1:0 \
     --id-secret-file "$work/secret" --max-connections 20000 --store "$STORE" \
     --state-dir "$work/state" "${tls[@]}" "$@" >"$work/roam.out" 2>"$work/roam.err" &
   PID=$!
@@ -195,6 +197,8 @@ start_server() {
   [ "$spec" != "$name" ] && read -r -a flags <<<"${spec#*:}"
   case $name in
     roam) start_roam "${flags[@]}" ;;
+    # Another build of roam, for before/after comparisons: OTHER_ROAM=path/to/roam.
+    other-roam) ROAM_BIN=${OTHER_ROAM:?set OTHER_ROAM to a roam binary} start_roam "${flags[@]}" ;;
     nginx) start_nginx ;;
     lighttpd) start_lighttpd ;;
     *) echo "unknown server $name" >&2; exit 2 ;;
@@ -447,6 +451,64 @@ bench_mptcp() {
   report mptcp-accept "req/s|p50|p99|errors" "roam:--mptcp on" "roam:--mptcp off"
 }
 
+# Evicts the cold files from the page cache (only them: POSIX_FADV_DONTNEED after a sync).
+evict_cold() {
+  sync
+  python3 - "$root" <<'PY'
+import glob, os, sys
+for path in glob.glob(os.path.join(sys.argv[1], "cold*")):
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+PY
+}
+
+# 16 downloads of cold 128 MiB files stream while wrk asks for 1 KiB: "p99 p50 req/s" of the
+# 1 KiB requests (p99 first: the figure compared).
+cold_once() {
+  local id curls=() i
+  id=$(head -n1 "$work/ids")
+  for i in $(seq 1 16); do
+    taskset -c "$LOAD_CORE" curl -s -o /dev/null -H "Range: bytes=0-" "http://$ADDR/$id/cold$i" &
+    curls+=($!)
+  done
+  sleep 0.5
+  WRK_FILE=f1k WRK_CONNS=16
+  read -r r p50 p99 _ < <(wrk_once)
+  kill "${curls[@]}" 2>/dev/null || true
+  wait "${curls[@]}" 2>/dev/null || true
+  echo "$p99 $p50 $r"
+}
+
+bench_cold() {
+  mint_ids
+  local i
+  for i in $(seq 1 16); do
+    head -c $((128 << 20)) /dev/urandom >"$root/cold$i"
+    chmod 644 "$root/cold$i"
+  done
+  echo "### Cold files: 1 KiB requests (wrk, 16 connections, $DURATION) while 16 downloads of cold 128 MiB files stream ($RUNS interleaved rounds; page cache of those files dropped before each run)"
+  echo
+  interleave_cold() {
+    local round spec
+    mkdir -p "$work/res/cold"
+    rm -f "$work/res/cold"/*
+    for round in $(seq 0 $((RUNS - 1))); do
+      for spec in "${cold_specs[@]}"; do
+        evict_cold
+        start_server "$spec"
+        cold_once >>"$work/res/cold/$spec"
+        stop_server
+      done
+    done
+  }
+  cold_specs=(roam nginx lighttpd)
+  [ -n "${OTHER_ROAM:-}" ] && cold_specs+=(other-roam)
+  interleave_cold
+  report cold "1 KiB p99 ms|p50 ms|req/s" "${cold_specs[@]}"
+  rm -f "$root"/cold*
+}
+
 bench_runtime() {
   mint_ids
   echo "### roam runtime shape on one core (wrk, $DURATION per run, $RUNS interleaved rounds)"
@@ -490,8 +552,9 @@ case "${1:-all}" in
   accounting) bench_accounting ;;
   store) bench_store ;;
   mptcp) bench_mptcp ;;
+  cold) bench_cold ;;
   runtime) bench_runtime ;;
   answers) bench_answers ;;
-  all) bench_small; bench_large; bench_conns; bench_tls; bench_accounting; bench_store; bench_mptcp; bench_runtime; bench_answers ;;
-  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|runtime|answers|all" >&2; exit 2 ;;
+  all) bench_small; bench_large; bench_conns; bench_tls; bench_accounting; bench_store; bench_mptcp; bench_cold; bench_runtime; bench_answers ;;
+  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|cold|runtime|answers|all" >&2; exit 2 ;;
 esac

@@ -270,6 +270,44 @@ pub fn outstanding_bytes(fd: RawFd) -> io::Result<u64> {
     Ok(u64::try_from(queued).unwrap_or(0))
 }
 
+/// Whether the byte at `offset` of `file` is in the page cache: a one-byte read that refuses
+/// to wait for the disk (`preadv2(RWF_NOWAIT)`, Linux 4.14+). `None` when the kernel or the
+/// file system cannot tell (callers then read as before), or past the end of the file.
+#[cfg(target_os = "linux")]
+pub fn cached(file: RawFd, offset: u64) -> Option<bool> {
+    let mut byte = 0u8;
+    let iov = libc::iovec {
+        iov_base: (&mut byte as *mut u8).cast(),
+        iov_len: 1,
+    };
+    let off = libc::off_t::try_from(offset).ok()?;
+    // SAFETY: one iovec pointing at a live local byte, length 1; the descriptor is borrowed
+    // from a live owner for the call.
+    let rc = unsafe { libc::preadv2(file, &iov, 1, off, libc::RWF_NOWAIT) };
+    match rc {
+        1 => Some(true),
+        0 => None,
+        _ => match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) => Some(false),
+            _ => None,
+        },
+    }
+}
+
+/// Reads `[offset, offset + len)` of `file` into the page cache, waiting for the disk
+/// (`readahead(2)`). Blocks: for the blocking pool only.
+#[cfg(target_os = "linux")]
+pub fn read_ahead(file: RawFd, offset: u64, len: usize) -> io::Result<()> {
+    let off = libc::off64_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off64_t"))?;
+    // SAFETY: plain integers and a descriptor borrowed from a live owner for the call.
+    let rc = unsafe { libc::readahead(file, off, len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Copies up to `count` bytes of `file` starting at `offset` to the socket without passing them
 /// through user space. Returns the number of bytes the kernel accepted; `Ok(0)` with
 /// `count > 0` means the file ended before `offset` (it was truncated).

@@ -33,6 +33,10 @@ const READ_SIZE: u64 = 256 * 1024;
 /// Plaintext encrypted and written at a time on a TLS connection: four full records (measured
 /// in docs/benchmarks.md).
 const TLS_CHUNK: u64 = 64 * 1024;
+/// When a chunk about to be sent is not in the page cache, this much (from the chunk's start)
+/// is read in off the runtime first.
+#[cfg(target_os = "linux")]
+const WARM_AHEAD: u64 = 4 << 20;
 
 /// Why the `sendfile` loop stopped short.
 #[cfg(target_os = "linux")]
@@ -264,6 +268,30 @@ impl Connection {
         Ok(())
     }
 
+    /// Makes sure `[pos, pos + len)` of the file is in the page cache before a runtime thread
+    /// sends or reads it, so that a cold file never blocks the other connections on this
+    /// thread: if the chunk's last byte is not cached (one non-blocking one-byte read), up to
+    /// [`WARM_AHEAD`] bytes from `pos` are read in on the blocking pool while this task waits.
+    /// Returns how far the file is now known to be warm.
+    #[cfg(target_os = "linux")]
+    async fn warm(&self, file: &Source, pos: u64, len: u64, end: u64) -> u64 {
+        let fd = file.file.as_raw_fd();
+        if len == 0 || sys::cached(fd, pos + len - 1) != Some(false) {
+            return pos + len;
+        }
+        let upto = (pos + WARM_AHEAD.max(len)).min(end);
+        let f = Arc::clone(&file.file);
+        let count = usize::try_from(upto - pos).unwrap_or(usize::MAX);
+        let read = tokio::task::spawn_blocking(move || sys::read_ahead(f.as_raw_fd(), pos, count));
+        match read.await {
+            Ok(Ok(())) => {}
+            // The send reads the data itself, and reports a failure as it would have.
+            Ok(Err(e)) => tracing::debug!(error = %e, "readahead failed"),
+            Err(e) => tracing::debug!(error = %e, "readahead task failed"),
+        }
+        upto
+    }
+
     #[cfg(target_os = "linux")]
     async fn sendfile_loop(
         &mut self,
@@ -276,11 +304,15 @@ impl Connection {
         let interval = self.svc.config().progress_interval;
         let mut pos = start;
         let mut since_settle = 0u64;
+        let mut warm_to = start;
         while pos < end {
             let fd = self.fd;
             let want = usize::try_from(end - pos)
                 .unwrap_or(usize::MAX)
                 .min(SENDFILE_CHUNK);
+            if pos + want as u64 > warm_to {
+                warm_to = self.warm(file, pos, want as u64, end).await;
+            }
             match self
                 .stream
                 .try_io(Interest::WRITABLE, || sys::sendfile(fd, file_fd, pos, want))
@@ -335,8 +367,14 @@ impl Connection {
         let mut plain = vec![0u8; (end - start).min(TLS_CHUNK) as usize];
         let mut pos = start;
         let mut since_settle = 0u64;
+        #[cfg(target_os = "linux")]
+        let mut warm_to = start;
         while pos < end {
             let len = (end - pos).min(TLS_CHUNK) as usize;
+            #[cfg(target_os = "linux")]
+            if pos + len as u64 > warm_to {
+                warm_to = self.warm(file, pos, len as u64, end).await;
+            }
             match read_at(&file.file, &mut plain[..len], pos) {
                 Ok(n) if n == len => {}
                 Ok(_) => return Err(Ending::FileChanged("file shrank during transfer")),
@@ -374,8 +412,12 @@ impl Connection {
         let mut chunk = vec![0u8; (end - start).min(READ_SIZE) as usize];
         let mut pos = start;
         let mut since_settle = 0u64;
+        let mut warm_to = start;
         while pos < end {
             let len = (end - pos).min(READ_SIZE) as usize;
+            if pos + len as u64 > warm_to {
+                warm_to = self.warm(file, pos, len as u64, end).await;
+            }
             match read_at(&file.file, &mut chunk[..len], pos) {
                 Ok(n) if n == len => {}
                 Ok(_) => return Err(Ending::FileChanged("file shrank during transfer")),
