@@ -389,8 +389,10 @@ bench_conns() {
   mint_ids
   echo "### 10,000 concurrent connections (wrk -c10000, 1 KiB file, $DURATION, $RUNS interleaved rounds)"
   echo
-  interleave conns conns_once roam nginx lighttpd
-  report conns "req/s|errors|RSS growth MB|RSS per connection KB" roam nginx lighttpd
+  local specs=(roam nginx lighttpd)
+  [ -n "${OTHER_ROAM:-}" ] && specs+=(other-roam)
+  interleave conns conns_once "${specs[@]}"
+  report conns "req/s|errors|RSS growth MB|RSS per connection KB" "${specs[@]}"
 }
 
 handshake_once() { # a new connection (a full handshake) for every request
