@@ -16,6 +16,7 @@
 #   scripts/bench.sh store        # roam with --store disk vs memory (1 KiB, 100 KiB)
 #   scripts/bench.sh mptcp        # roam's Multipath TCP listener vs TCP only, for TCP clients
 #   scripts/bench.sh cold         # 1 KiB latency while 16 cold large files stream (page cache dropped)
+#   OTHER_ROAM=path scripts/bench.sh versus   # this roam against another build (before/after)
 #   (sendfile against read-and-write on MPTCP sockets: scripts/mptcp-sendfile.py)
 #   scripts/bench.sh runtime      # roam multi-thread vs per-core runtime (1 KiB, 100 KiB)
 #   scripts/bench.sh answers      # roam: minting IDs (GET /), repeated requests for finished files (416)
@@ -511,6 +512,14 @@ bench_cold() {
   rm -f "$root"/cold*
 }
 
+bench_versus() {
+  mint_ids
+  echo "### roam against another build of roam ($OTHER_ROAM), wrk, $DURATION per run, $RUNS interleaved rounds"
+  echo
+  small_case "1 KiB, 64 connections" f1k 64 roam other-roam
+  small_case "100 KiB, 16 connections" f100k 16 roam other-roam
+}
+
 bench_runtime() {
   mint_ids
   echo "### roam runtime shape on one core (wrk, $DURATION per run, $RUNS interleaved rounds)"
@@ -555,8 +564,9 @@ case "${1:-all}" in
   store) bench_store ;;
   mptcp) bench_mptcp ;;
   cold) bench_cold ;;
+  versus) bench_versus ;;
   runtime) bench_runtime ;;
   answers) bench_answers ;;
   all) bench_small; bench_large; bench_conns; bench_tls; bench_accounting; bench_store; bench_mptcp; bench_cold; bench_runtime; bench_answers ;;
-  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|cold|runtime|answers|all" >&2; exit 2 ;;
+  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|cold|versus|runtime|answers|all" >&2; exit 2 ;;
 esac
