@@ -98,9 +98,14 @@ start_roam() {
   local tls=()
   [ "$SCHEME" = https ] && tls=(--tls-cert "$work/tls/leaf.pem" --tls-key "$work/tls/leaf.key")
   rm -rf "$work/state"
-  taskset -c "$SERVER_CORE" "${ROAM_BIN:-target/release/roam}" serve --root "$root" --listen 127.0.0.1:0 \
-    --id-secret-file "$work/secret" --max-connections 20000 --store "$STORE" \
-    --state-dir "$work/state" "${tls[@]}" "$@" >"$work/roam.out" 2>"$work/roam.err" &
+  local bin=${ROAM_BIN:-target/release/roam} store=()
+  # Builds from before the durable store (for before/after runs) have no --store.
+  if "$bin" serve --help | grep -q -- '--store'; then
+    store=(--store "$STORE" --state-dir "$work/state")
+  fi
+  taskset -c "$SERVER_CORE" "$bin" serve --root "$root" --listen 127.0.0.1:0 \
+    --id-secret-file "$work/secret" --max-connections 20000 "${store[@]}" \
+    "${tls[@]}" "$@" >"$work/roam.out" 2>"$work/roam.err" &
   PID=$!
   pids+=("$PID")
   ADDR=""
