@@ -6,6 +6,7 @@ use clap::Parser;
 use roam::service::Service;
 use roam::session::clock::SessionClock;
 use roam::session::disk::{self, DiskBackend};
+use roam::session::redis::RedisBackend;
 use roam::session::{Sessions, Store};
 use roam::settings::cli::{Cli, Command, GetArgs, RuntimeMode, ServeArgs};
 use roam::settings::{Config, LogFormat, StoreKind};
@@ -62,7 +63,7 @@ struct Prepared {
 }
 
 fn prepare_sessions(config: &mut Config) -> anyhow::Result<Prepared> {
-    let (sessions, disk) = match config.store {
+    let (sessions, disk) = match config.store.clone() {
         StoreKind::Memory => {
             let store = Store::memory(
                 config.max_sessions,
@@ -96,6 +97,26 @@ fn prepare_sessions(config: &mut Config) -> anyhow::Result<Prepared> {
                 config.flush_interval,
             );
             (Sessions::new(store), Some(backend))
+        }
+        StoreKind::Redis(target) => {
+            // Nothing to wait for: the node connects in the background and serves from what it
+            // knows until Redis answers (docs/DEPLOYMENT.md, "Redis faults").
+            let clock = Arc::new(SessionClock::default());
+            let backend = RedisBackend::new(
+                target,
+                config.session_ttl,
+                config.max_sessions,
+                config.redis_wait,
+                clock.clone(),
+            );
+            let store = Store::with_shared(
+                Arc::new(backend),
+                config.max_sessions,
+                config.session_ttl,
+                clock,
+                config.flush_interval,
+            );
+            (Sessions::new(store), None)
         }
     };
     Ok(Prepared {
@@ -312,6 +333,7 @@ fn announce(
         mint_rate = ?cfg.mint_rate,
         persistent_ids = cfg.id_secret.is_some(),
         store = ?cfg.store,
+        redis_wait = ?cfg.redis_wait,
         state_dir = %cfg.state_dir.display(),
         flush_interval = ?cfg.flush_interval,
         "serving"

@@ -737,7 +737,7 @@ impl Backend for DiskBackend {
             let mut puts = Vec::with_capacity(batch.len());
             for report in batch {
                 match report {
-                    Report::Snapshot { key, record } => {
+                    Report::Snapshot { key, record } | Report::Begun { key, record } => {
                         puts.push((Shared::key(key), encode(&record, now)));
                         done.applied += 1;
                     }

@@ -68,7 +68,7 @@ impl Backend for MemoryBackend {
                     offset,
                     ended,
                 } => self.table.advance(&key, epoch, offset) && self.table.end(&key, epoch, ended),
-                Report::Snapshot { key, record } => {
+                Report::Snapshot { key, record } | Report::Begun { key, record } => {
                     self.table.put(key, record);
                     true
                 }

@@ -12,6 +12,12 @@
 //!    successor waiting in step 1.
 //!
 //! A download whose start the client declares (`Range: bytes=N-`) skips steps 1 and 2.
+//!
+//! In a fleet sharing one store (Redis), steps 2 and 3 happen in the store in one atomic step;
+//! if it answers that another node's sender holds the session, that node is asked to stop
+//! (`owners::stop_remote`) and the begin is made again expecting the epoch it held. While the
+//! store is unreachable, steps 2 and 3 use what this node knows, and the store learns of the
+//! epoch with the write-behind layer's next batch once it is back.
 
 pub mod backend;
 pub mod clock;
@@ -20,18 +26,24 @@ pub mod disk;
 pub mod key;
 pub mod memory;
 pub mod owners;
+pub mod redis;
 pub mod store;
 pub mod table;
 pub mod writebehind;
 
-pub use self::backend::{BeginError, StoreError};
+pub use self::backend::{BeginError, SharedStore, StoreError};
 pub use self::key::{Ended, Epoch, FileKey, Record, SessionKey};
 pub use self::owners::{ConnectionHandle, Owners, Preempted, Sender};
 pub use self::store::Store;
 pub use self::table::Full;
 
+use self::backend::{Resumed, StopRequest};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// How many times a server-resumed begin in a shared store is tried when other senders keep
+/// beginning the same session meanwhile (each try may wait for one of them to stop).
+const SHARED_BEGIN_TRIES: usize = 4;
 
 /// Why a session could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -122,12 +134,13 @@ impl Sessions {
         here: Option<(Epoch, u64)>,
     ) -> Result<Resume, SessionError> {
         let sender = self.inner.owners.take_over(key, conn).await?;
-        let record = self
-            .inner
-            .store
-            .get(key)
-            .await?
-            .filter(|r| r.version == version);
+        let store = &self.inner.store;
+        if let Some(shared) = store.shared() {
+            return self
+                .resume_shared(shared.as_ref(), key, version, length, conn, here, sender)
+                .await;
+        }
+        let record = store.get(key).await?.filter(|r| r.version == version);
         if let (Some(r), Some((epoch, end))) = (record, here) {
             if r.epoch == epoch {
                 if end >= length {
@@ -142,6 +155,91 @@ impl Sessions {
             Position::At(offset) => {
                 let epoch = self.inner.store.begin(key, version, offset).await?;
                 Ok(Resume::From(Claim::new(self, key, epoch, offset, sender)))
+            }
+        }
+    }
+
+    /// `resume` in a fleet: the begin happens in the shared store, after the node holding the
+    /// session (if another) stopped its sender; from this node's own record while the store
+    /// cannot be reached.
+    #[allow(clippy::too_many_arguments)]
+    async fn resume_shared(
+        &self,
+        shared: &dyn SharedStore,
+        key: SessionKey,
+        version: u32,
+        length: u64,
+        conn: &ConnectionHandle,
+        here: Option<(Epoch, u64)>,
+        sender: Sender,
+    ) -> Result<Resume, SessionError> {
+        let store = &self.inner.store;
+        // The same connection goes on after a body of its own: the client stands where that
+        // body ends, whatever any store says.
+        if let (Some(r), Some((epoch, end))) = (store.local(key), here) {
+            if r.epoch == epoch && r.version == version {
+                if end >= length {
+                    return Ok(Resume::Finished { length });
+                }
+                store.end(&key, epoch, Ended::Sending);
+                return Ok(Resume::From(Claim::new(self, key, epoch, end, sender)));
+            }
+        }
+        if shared.reachable() {
+            let mut expect = None;
+            for _ in 0..SHARED_BEGIN_TRIES {
+                match store
+                    .resume_shared(shared, key, version, length, expect)
+                    .await
+                {
+                    Ok(Resumed::Began { epoch, start }) => {
+                        return Ok(Resume::From(Claim::new(self, key, epoch, start, sender)))
+                    }
+                    Ok(Resumed::Finished) => return Ok(Resume::Finished { length }),
+                    Ok(Resumed::Held { holder, epoch }) => {
+                        owners::stop_remote(shared, key, &holder, epoch, conn).await?;
+                        expect = Some(epoch);
+                    }
+                    Ok(Resumed::Conflict) => expect = None,
+                    Err(BeginError::Full(f)) => return Err(SessionError::Full(f)),
+                    // Unreachable or slow: serve from what this node knows.
+                    Err(_) => break,
+                }
+            }
+        }
+        let record = store.local(key).filter(|r| r.version == version);
+        match Self::position_of(record, length) {
+            Position::Finished { length } => Ok(Resume::Finished { length }),
+            Position::At(offset) => {
+                let epoch = store.begin(key, version, offset).await?;
+                Ok(Resume::From(Claim::new(self, key, epoch, offset, sender)))
+            }
+        }
+    }
+
+    /// Another node asked this one to stop its sender of `key` (it is taking the session
+    /// over): aborts it as a local takeover does; with no sender here, makes sure the store
+    /// shows this node's hold ended (writing the record it has, or releasing the epoch).
+    pub async fn stop_here(&self, request: StopRequest) {
+        let StopRequest { key, epoch } = request;
+        if self.inner.owners.stop(key) {
+            return;
+        }
+        let store = &self.inner.store;
+        match store.local(key) {
+            Some(r) if r.epoch == epoch => {
+                if r.ended == Ended::Sending {
+                    store.end(&key, epoch, Ended::Network);
+                } else {
+                    store.rewrite(key);
+                }
+            }
+            _ => {
+                if let Some(shared) = store.shared() {
+                    if let Err(e) = shared.release(key, epoch).await {
+                        tracing::debug!(error = %e, ?key, "cannot release a session for another node");
+                    }
+                }
             }
         }
     }
@@ -220,9 +318,34 @@ impl Sessions {
         self.inner.store.expire().await
     }
 
-    /// Runs the write-behind layer until `stop`, then flushes once more.
+    /// Runs the write-behind layer until `stop`, then flushes once more. In a fleet, also runs
+    /// this node's presence (its heartbeat and stop channel) and answers other nodes' stop
+    /// requests, until then.
     pub async fn run_writer(&self, stop: CancellationToken) {
-        self.inner.store.run_writer(stop).await;
+        let Some(shared) = self.inner.store.shared().cloned() else {
+            self.inner.store.run_writer(stop).await;
+            return;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let fleet_stop = CancellationToken::new();
+        let presence = shared.run(tx, fleet_stop.clone());
+        let answers = async {
+            while let Some(request) = rx.recv().await {
+                let sessions = self.clone();
+                tokio::spawn(async move { sessions.stop_here(request).await });
+            }
+        };
+        let writer = async {
+            self.inner.store.run_writer(stop).await;
+            // The last batch is written: leave the fleet.
+            fleet_stop.cancel();
+        };
+        tokio::join!(presence, writer, async {
+            tokio::select! {
+                () = answers => {}
+                () = fleet_stop.cancelled() => {}
+            }
+        });
     }
 }
 

@@ -13,10 +13,9 @@
 //! newer request aborts the claimant, which begins nothing, and waits for the sender itself:
 //! whoever takes over last waits for the last sender's final record.
 
-use super::backend::BoxFuture;
-use super::key::SessionKey;
+use super::backend::SharedStore;
+use super::key::{Ended, Epoch, SessionKey};
 use dashmap::DashMap;
-use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -230,14 +229,84 @@ impl Owners {
     }
 }
 
-/// The part of ownership that crosses machines: a fleet sharing one store asks the node that
-/// holds a session to stop its sender and record its final offset (the store's epoch keeps a
-/// node that does not answer from ever moving the session; the request only makes the final
-/// record arrive sooner). A single process needs none.
-pub trait RemoteOwners: Send + Sync + Debug + 'static {
-    /// Asks `holder` to stop sending `key`; resolves when it has recorded and released, or
-    /// when the bound on waiting for it passed.
-    fn stop(&self, key: SessionKey, holder: &str) -> BoxFuture<'_, ()>;
+/// How often a node waiting for another node's sender looks at the session's record.
+pub const REMOTE_POLL: Duration = Duration::from_millis(5);
+/// How often a node waiting for another node's sender asks it again (pub/sub delivers at most
+/// once: a message sent while the other node was reconnecting is lost).
+pub const REMOTE_REPEAT: Duration = Duration::from_millis(500);
+
+impl Owners {
+    /// Another node took `key` over: aborts this node's sender and waiting claimant of it, as a
+    /// local takeover does. True when a sender was aborted (it records its final offset and
+    /// releases, which the write-behind layer reports to the shared store).
+    pub fn stop(&self, key: SessionKey) -> bool {
+        let Some(slot) = self.slots.get(&key) else {
+            return false;
+        };
+        if let Some(c) = &slot.claimant {
+            c.conn.abort.cancel();
+        }
+        match &slot.sender {
+            Some(s) => {
+                s.conn.abort.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The takeover across nodes: `holder`, another node of the fleet, runs the sender of `key`
+/// under `epoch`. Asks it to stop (it aborts that connection exactly as a local takeover does,
+/// and its final offset reaches the store), and waits until the store shows the sender ended,
+/// the epoch changed, or the holder is gone; at most [`TAKEOVER_WAIT`]. The message only makes
+/// the final offset arrive sooner: whatever happens, the caller then begins expecting `epoch`,
+/// and the store's epoch keeps a node that did not answer from ever moving the session (the
+/// caller starts from the last offset that node committed: a bounded repeat, never a gap).
+/// `Err(Preempted)` if a newer request on this node took the session meanwhile.
+pub async fn stop_remote(
+    shared: &dyn SharedStore,
+    key: SessionKey,
+    holder: &str,
+    epoch: Epoch,
+    conn: &ConnectionHandle,
+) -> Result<(), Preempted> {
+    let started = Instant::now();
+    let deadline = started + TAKEOVER_WAIT;
+    let mut ask_at = started;
+    loop {
+        if Instant::now() >= ask_at {
+            match shared.stop(holder, key, epoch).await {
+                Ok(true) => {}
+                // Gone (its process ended, or its heartbeat lapsed), or the store cannot be
+                // asked: nobody will answer.
+                Ok(false) | Err(_) => return Ok(()),
+            }
+            ask_at += REMOTE_REPEAT;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(REMOTE_POLL) => {}
+            () = conn.abort.cancelled(), if !conn.shutdown.is_cancelled() => {
+                if conn.taken_over() {
+                    return Err(Preempted);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(?key, holder, "another node's sender did not stop within the takeover wait; starting from its last committed offset");
+                return Ok(());
+            }
+        }
+        match shared.holding(key).await {
+            Ok(Some(h))
+                if h.stored.record.epoch == epoch
+                    && h.stored.record.ended == Ended::Sending
+                    && h.holder.as_deref() == Some(holder) => {}
+            _ => {
+                tracing::debug!(?key, holder, waited = ?started.elapsed(), "another node's sender stopped");
+                return Ok(());
+            }
+        }
+    }
 }
 
 #[cfg(test)]

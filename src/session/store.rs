@@ -1,8 +1,16 @@
 //! The store stack the façade talks to: the table, and behind it, for a durable or shared
-//! store, a backend fed by the write-behind layer. Reads are answered by the table when it
-//! holds the key and by the backend on a miss; progress always goes to the table first.
+//! store, a backend fed by the write-behind layer. Progress always goes to the table first.
+//!
+//! In front of a store this process alone writes (disk), the table is the truth: reads are
+//! answered by the table when it holds the key and by the backend on a miss, and begins happen
+//! in the table. In front of a store shared by a fleet (Redis), the table is only this node's
+//! view: another node may have moved any session since. A server-resumed begin therefore
+//! happens in the store, atomically (it reads where the client stands and begins there), and
+//! reads ask the store first. A begin the store need not decide (a position the client
+//! declared) happens here and reaches the store with the next batch, as does every begin made
+//! while the store is unreachable.
 
-use super::backend::{Backend, BeginError, StoreError};
+use super::backend::{Backend, BeginError, Local, ResumeAsk, Resumed, SharedStore, StoreError};
 use super::clock::Clock;
 use super::key::{Ended, Epoch, Record, SessionKey};
 use super::table::Table;
@@ -25,6 +33,8 @@ static READ_FAILURES: LogThrottle = LogThrottle::new();
 pub struct Store {
     table: Table,
     writer: Option<WriteBehind>,
+    /// The backend as a store shared by a fleet, when it is one.
+    shared: Option<Arc<dyn SharedStore>>,
 }
 
 impl Store {
@@ -33,6 +43,7 @@ impl Store {
         Store {
             table: Table::new(cap, ttl, clock, false),
             writer: None,
+            shared: None,
         }
     }
 
@@ -47,7 +58,29 @@ impl Store {
         Store {
             table: Table::new(cap, ttl, clock, true),
             writer: Some(WriteBehind::new(backend, flush_interval)),
+            shared: None,
         }
+    }
+
+    /// The table in front of a store shared by a fleet, written behind every `flush_interval`.
+    pub fn with_shared(
+        backend: Arc<dyn SharedStore>,
+        cap: usize,
+        ttl: Duration,
+        clock: Arc<dyn Clock>,
+        flush_interval: Duration,
+    ) -> Store {
+        let as_backend: Arc<dyn Backend> = backend.clone();
+        Store {
+            table: Table::new(cap, ttl, clock, true),
+            writer: Some(WriteBehind::new(as_backend, flush_interval)),
+            shared: Some(backend),
+        }
+    }
+
+    /// The store shared by a fleet, if this is one.
+    pub fn shared(&self) -> Option<&Arc<dyn SharedStore>> {
+        self.shared.as_ref()
     }
 
     /// The table (tests and the sweeper look inside).
@@ -65,6 +98,9 @@ impl Store {
     /// cannot be read counts as holding no record: the client starts over (a repeat, never a
     /// gap) rather than failing, and the failure is logged once a second.
     pub async fn get(&self, key: SessionKey) -> Result<Option<Record>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return Ok(self.get_shared(shared.as_ref(), key).await);
+        }
         if let Some(r) = self.table.get(&key) {
             return Ok(Some(r));
         }
@@ -83,7 +119,55 @@ impl Store {
         }
     }
 
-    /// Begins a new epoch for `key` at `offset` of `version`.
+    /// A record of a shared store as this node should see it: the store's, unless this node
+    /// holds newer progress of the same epoch, or an epoch it began and has not written yet.
+    /// When the store cannot be asked (unreachable, or slow), this node's own record.
+    async fn get_shared(&self, shared: &dyn SharedStore, key: SessionKey) -> Option<Record> {
+        let mine = self.table.get(&key);
+        let unwritten = mine.filter(|r| self.unwritten(key, r.epoch));
+        if unwritten.is_some() {
+            return unwritten;
+        }
+        match shared.holding(key).await {
+            Ok(Some(h)) => {
+                let stored = h.stored.record;
+                match mine {
+                    Some(m)
+                        if m.epoch == stored.epoch
+                            && h.holder.as_deref() == Some(shared.node()) =>
+                    {
+                        Some(Record {
+                            offset: m.offset.max(stored.offset),
+                            ..m
+                        })
+                    }
+                    _ => Some(stored),
+                }
+            }
+            Ok(None) => None,
+            Err(e) => {
+                if let Some(suppressed) = READ_FAILURES.admit() {
+                    tracing::debug!(error = %e, suppressed, "cannot read a session from the shared store; using this node's record");
+                }
+                mine
+            }
+        }
+    }
+
+    /// True when `epoch` of `key` was begun here and the shared store has not been told yet.
+    fn unwritten(&self, key: SessionKey, epoch: Epoch) -> bool {
+        self.writer
+            .as_ref()
+            .is_some_and(|w| w.is_unwritten(key, epoch))
+    }
+
+    /// The record as this node holds it, without asking a shared store.
+    pub fn local(&self, key: SessionKey) -> Option<Record> {
+        self.table.get(&key)
+    }
+
+    /// Begins a new epoch for `key` at `offset` of `version`, in this process: the table is
+    /// the truth for an exclusive store; a shared store learns of it with the next batch.
     pub async fn begin(
         &self,
         key: SessionKey,
@@ -92,10 +176,50 @@ impl Store {
     ) -> Result<Epoch, BeginError> {
         let epoch = self.table.begin(key, version, offset)?;
         if let Some(w) = &self.writer {
+            if self.shared.is_some() {
+                w.begun_here(key, epoch);
+            }
             // A new epoch may move the offset backwards (a declared position): write it soon.
             w.wake();
         }
         Ok(epoch)
+    }
+
+    /// A server-resumed begin in the shared store: where the client stands and the new epoch,
+    /// decided atomically by the store from its record and this node's newer knowledge of it.
+    /// On success the table takes the record as the store now holds it.
+    pub async fn resume_shared(
+        &self,
+        shared: &dyn SharedStore,
+        key: SessionKey,
+        version: u32,
+        length: u64,
+        expect: Option<Epoch>,
+    ) -> Result<Resumed, BeginError> {
+        let local = match self.table.get(&key) {
+            None => Local::None,
+            Some(r) if self.unwritten(key, r.epoch) => Local::Begun(r),
+            Some(r) => Local::Registered(r),
+        };
+        let ask = ResumeAsk {
+            version,
+            length,
+            expect,
+            local,
+        };
+        let resumed = shared.resume(key, ask).await?;
+        if let Resumed::Began { epoch, start } = resumed {
+            self.table.put(
+                key,
+                Record {
+                    offset: start,
+                    version,
+                    epoch,
+                    ended: Ended::Sending,
+                },
+            );
+        }
+        Ok(resumed)
     }
 
     /// Records progress of the sender owning `epoch` (memory only; written behind).
@@ -112,6 +236,15 @@ impl Store {
             }
         }
         applied
+    }
+
+    /// Writes `key`'s record to the backend again with the next batch (a fleet node asked for
+    /// this node's final record of it).
+    pub fn rewrite(&self, key: SessionKey) {
+        if let Some(w) = &self.writer {
+            self.table.redirty(key);
+            w.wake();
+        }
     }
 
     /// Runs the write-behind layer until `stop` (then flushes once more and closes the backend);
@@ -134,13 +267,13 @@ impl Store {
     }
 
     /// Forgets sessions idle for longer than the TTL (in the table and in the backend), and
-    /// lets records of an exclusive durable store that are idle and written leave memory.
+    /// lets records that are idle and written leave memory (an exclusive store reads them back
+    /// on their next request; a shared store is asked anyway).
     pub async fn expire(&self) -> usize {
         let mut expired = self.table.expire();
         if let Some(w) = &self.writer {
-            if w.backend().exclusive() {
-                self.table.evict_clean(CACHE_IDLE);
-            }
+            self.table.evict_clean(CACHE_IDLE);
+            w.forget_unwritten_not_in(&self.table);
             match w.backend().expire().await {
                 Ok(n) => expired = expired.max(n),
                 Err(e) => tracing::warn!(error = %e, "cannot expire stored sessions"),

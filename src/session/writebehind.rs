@@ -2,9 +2,15 @@
 //! ones in batches and commits them to the backend off the hot path (group commit: one sync per
 //! batch in a durable store). A failed batch is listed again and retried at the next tick; the
 //! table keeps serving meanwhile.
+//!
+//! For a store shared by a fleet, the writer also remembers which epochs this node began by
+//! itself: their records go out as [`Report::Begun`] (the store takes them as this node's),
+//! every later change as [`Report::Progress`] (fenced by the store).
 
 use super::backend::{Backend, Report, StoreError};
+use super::key::{Epoch, SessionKey};
 use super::table::Table;
+use dashmap::DashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -23,6 +29,8 @@ pub struct WriteBehind {
     wake: Notify,
     /// Failed flushes in the current burst (0: writing works).
     failures: std::sync::atomic::AtomicU64,
+    /// Shared stores: epochs begun here that the store has not taken yet.
+    unwritten: DashMap<SessionKey, Epoch>,
 }
 
 impl WriteBehind {
@@ -34,7 +42,25 @@ impl WriteBehind {
             min_gap: interval / 8,
             wake: Notify::new(),
             failures: std::sync::atomic::AtomicU64::new(0),
+            unwritten: DashMap::new(),
         }
+    }
+
+    /// Notes that this node began `epoch` of `key` without the shared store.
+    pub fn begun_here(&self, key: SessionKey, epoch: Epoch) {
+        self.unwritten.insert(key, epoch);
+    }
+
+    /// True when `epoch` of `key` was begun here and not written yet.
+    pub fn is_unwritten(&self, key: SessionKey, epoch: Epoch) -> bool {
+        self.unwritten.get(&key).is_some_and(|e| *e == epoch)
+    }
+
+    /// Forgets begun epochs the table no longer holds (a newer epoch replaced it, or the
+    /// record left memory), so the list stays as long as the table at most.
+    pub fn forget_unwritten_not_in(&self, table: &Table) {
+        self.unwritten
+            .retain(|key, epoch| table.get(key).is_some_and(|r| r.epoch == *epoch));
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -59,6 +85,8 @@ impl WriteBehind {
             .map(|&(key, record)| {
                 if exclusive {
                     Report::Snapshot { key, record }
+                } else if self.is_unwritten(key, record.epoch) {
+                    Report::Begun { key, record }
                 } else {
                     Report::Progress {
                         key,
@@ -70,7 +98,14 @@ impl WriteBehind {
             })
             .collect();
         match self.backend.commit(batch).await {
-            Ok(_) => Ok(taken.len()),
+            Ok(_) => {
+                if !exclusive {
+                    for (key, record) in &taken {
+                        self.unwritten.remove_if(key, |_, e| *e == record.epoch);
+                    }
+                }
+                Ok(taken.len())
+            }
             Err(e) => {
                 for (key, _) in taken {
                     table.redirty(key);

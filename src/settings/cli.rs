@@ -205,8 +205,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ROAM_ID_SECRET_FILE")]
     pub id_secret_file: Option<PathBuf>,
     /// Where session records live: disk (in --state-dir: a restart or crash keeps every
-    /// client's place) or memory (lost when the process ends).
-    #[arg(long, env = "ROAM_STORE", value_enum, default_value = "disk")]
+    /// client's place), memory (lost when the process ends), or Redis shared by a fleet of
+    /// nodes, any of which resumes any client: redis://[USER:PASSWORD@]HOST:PORT[/DB],
+    /// rediss://… (TLS), redis+cluster://HOST:PORT,HOST:PORT,… (a Redis Cluster). A fleet
+    /// needs --id-secret-file (docs/DEPLOYMENT.md).
+    #[arg(long, env = "ROAM_STORE", value_parser = StoreKind::parse, default_value = "disk")]
     pub store: StoreKind,
     /// Directory for durable sessions, the ID secret and stored digests (created mode 0700).
     #[arg(long, env = "ROAM_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
@@ -226,6 +229,10 @@ pub struct ServeArgs {
     /// do not use it are served over TCP as before. On a kernel without it: TCP, logged.
     #[arg(long, env = "ROAM_MPTCP", value_enum, default_value = "on")]
     pub mptcp: Switch,
+    /// With a Redis store: longest a request waits for Redis (a begin, a read) before it is
+    /// served from what this node knows; Redis then counts as unreachable until it answers.
+    #[arg(long, env = "ROAM_REDIS_WAIT", value_parser = duration, default_value = "50ms")]
+    pub redis_wait: Duration,
 }
 
 fn mint_rate(s: &str) -> Result<(f64, u32), String> {
@@ -297,6 +304,7 @@ impl ServeArgs {
             (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
             _ => None,
         };
+        config.redis_wait = self.redis_wait;
         config.validate()
     }
 }
@@ -335,6 +343,81 @@ mod tests {
         assert_eq!(config.store, reference.store);
         assert_eq!(config.state_dir, reference.state_dir);
         assert_eq!(config.flush_interval, reference.flush_interval);
+        assert_eq!(config.redis_wait, reference.redis_wait);
+    }
+
+    fn serve(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["roam", "serve"];
+        all.extend_from_slice(args);
+        let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        args.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn store_forms_parse_and_hide_passwords() {
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), [7u8; 32]).unwrap();
+        let s = secret.path().to_str().unwrap();
+        let c = serve(&[
+            "--store",
+            "redis://:hunter2@10.0.0.5:6380/3",
+            "--id-secret-file",
+            s,
+        ])
+        .unwrap();
+        let StoreKind::Redis(t) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert!(!t.is_cluster() && !t.tls());
+        assert_eq!(t.to_string(), "redis://:***@10.0.0.5:6380/3");
+        let c = serve(&[
+            "--store",
+            "rediss+cluster://u:pw@h1:7000,h2:7001,h3:7002",
+            "--id-secret-file",
+            s,
+        ])
+        .unwrap();
+        let StoreKind::Redis(t) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert!(t.is_cluster() && t.tls());
+        assert_eq!(
+            t.to_string(),
+            "rediss+cluster://u:***@h1:7000,h2:7001,h3:7002"
+        );
+        assert_eq!(
+            serve(&["--store", "memory"]).unwrap().store,
+            StoreKind::Memory
+        );
+        // A fleet without a shared secret would refuse every other node's IDs.
+        let e = serve(&["--store", "redis://127.0.0.1:6379"]).unwrap_err();
+        assert!(e.contains("--id-secret-file"), "{e}");
+        for bad in [
+            "redis+cluster://h1:1,/x",
+            "redis+cluster://h1",
+            "mongodb://h",
+            "redis://",
+        ] {
+            let e = serve(&["--store", bad, "--id-secret-file", s]).unwrap_err();
+            assert!(
+                e.contains("--store") || e.contains("expected"),
+                "{bad}: {e}"
+            );
+            assert!(!e.contains("hunter2"));
+        }
+        let e = serve(&[
+            "--store",
+            "redis://:hunter2@h:1",
+            "--id-secret-file",
+            s,
+            "--redis-wait",
+            "0s",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--redis-wait") && !e.contains("hunter2"), "{e}");
     }
 
     #[test]

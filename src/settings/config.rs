@@ -2,6 +2,7 @@
 //! start-up and then read-only for the server's life.
 
 use crate::http::request::{Limits, MAX_HEADERS_CEILING};
+use crate::session::redis::{RedisTarget, REDIS_FORMS};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,6 +50,9 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// Accept Multipath TCP by default: plain TCP clients are handed over as TCP sockets by the
 /// kernel, so they pay nothing for it (docs/benchmarks.md, "Multipath TCP").
 pub const DEFAULT_MPTCP: bool = true;
+/// Longest a request waits for the fleet's Redis (a begin, a read) before it is served from
+/// what this node knows; Redis then counts as unreachable until it answers a background call.
+pub const DEFAULT_REDIS_WAIT: Duration = Duration::from_millis(50);
 pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
@@ -61,12 +65,28 @@ pub enum LogFormat {
 }
 
 /// Where session records live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreKind {
     /// In the state directory, on disk, so a restart or a crash keeps every client's place.
     Disk,
     /// In memory only: lost when the process ends (tests, benchmarks).
     Memory,
+    /// In Redis, shared by every node of a fleet: any node resumes any client.
+    Redis(RedisTarget),
+}
+
+impl StoreKind {
+    /// Parses `--store`: `disk`, `memory`, or a Redis URL.
+    pub fn parse(s: &str) -> Result<StoreKind, String> {
+        match s {
+            "disk" => Ok(StoreKind::Disk),
+            "memory" => Ok(StoreKind::Memory),
+            _ => match RedisTarget::parse(s) {
+                Some(t) => t.map(StoreKind::Redis),
+                None => Err(format!("expected disk, memory, or Redis: {REDIS_FORMS}")),
+            },
+        }
+    }
 }
 
 /// What counts as delivered when a session's offset advances.
@@ -120,6 +140,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Listen with Multipath TCP where the kernel has it (TCP otherwise).
     pub mptcp: bool,
+    /// Longest a request waits for the fleet's Redis.
+    pub redis_wait: Duration,
 }
 
 /// A setting that cannot work.
@@ -162,6 +184,7 @@ impl Config {
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             tls: None,
             mptcp: DEFAULT_MPTCP,
+            redis_wait: DEFAULT_REDIS_WAIT,
         }
     }
 
@@ -217,6 +240,22 @@ impl Config {
             || self.flush_interval > Duration::from_secs(10)
         {
             return bad("--flush-interval must be between 1ms and 10s");
+        }
+        if let StoreKind::Redis(target) = &self.store {
+            // Every node must accept every node's IDs, and keep accepting them whatever
+            // happens to Redis (docs/DEPLOYMENT.md, "The fleet's secret").
+            if self.id_secret.is_none() {
+                return Err(ConfigError(format!(
+                    "--store {target} needs --id-secret-file: every node of a fleet must use the \
+                     same secret for client IDs (make one with `head -c 32 /dev/urandom > \
+                     roam-id-secret` and give each node a copy; docs/DEPLOYMENT.md)"
+                )));
+            }
+            if self.redis_wait < Duration::from_millis(1)
+                || self.redis_wait > Duration::from_secs(10)
+            {
+                return bad("--redis-wait must be between 1ms and 10s");
+            }
         }
         if self.id_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return bad("the ID secret must be at least 16 bytes");
