@@ -222,11 +222,14 @@ impl Sessions {
     /// shows this node's hold ended (writing the record it has, or releasing the epoch).
     pub async fn stop_here(&self, request: StopRequest) {
         let StopRequest { key, epoch } = request;
-        if self.inner.owners.stop(key) {
+        let store = &self.inner.store;
+        let local = store.local(key);
+        // A sender here of another epoch began after the one the message names (the message
+        // is late: sent again while its sender waited, or slow to arrive): not the one to stop.
+        if local.is_none_or(|r| r.epoch == epoch) && self.inner.owners.stop(key) {
             return;
         }
-        let store = &self.inner.store;
-        match store.local(key) {
+        match local {
             Some(r) if r.epoch == epoch => {
                 if r.ended == Ended::Sending {
                     store.end(&key, epoch, Ended::Network);

@@ -4,5 +4,6 @@ pub mod mptcp;
 pub mod netns;
 pub mod nginx;
 pub mod proxy;
+pub mod redis;
 pub mod server;
 pub mod tls;
