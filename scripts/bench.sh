@@ -20,6 +20,7 @@
 #   (sendfile against read-and-write on MPTCP sockets: scripts/mptcp-sendfile.py)
 #   scripts/bench.sh runtime      # roam multi-thread vs per-core runtime (1 KiB, 100 KiB)
 #   scripts/bench.sh answers      # roam: minting IDs (GET /), repeated requests for finished files (416)
+#   scripts/bench.sh redis        # memory vs Redis session store, interleaved (needs redis-server)
 #   scripts/bench.sh all
 #
 # Knobs (environment): DURATION (5s), RUNS (5 rounds), IDS (2000), STORE (disk: roam's default),
@@ -533,6 +534,74 @@ bench_runtime() {
   small_case "100 KiB, 16 connections" f100k 16 "roam:--runtime multi-thread" "roam:--runtime per-core"
 }
 
+# Memory store against the fleet's Redis store (a redis-server of its own, on the load core:
+# this machine has two), runs interleaved (memory, redis, memory, redis, ...); reports the median
+# of each and the median of the per-pair ratios, and Redis commands per request (INFO
+# commandstats over the run, divided by wrk's request count).
+bench_redis() {
+  command -v redis-server >/dev/null || { echo "redis-server is required" >&2; exit 1; }
+  mint_ids
+  local rport
+  rport=$(free_port)
+  taskset -c "$LOAD_CORE" redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$work" --daemonize no --logfile "$work/redis.log" &
+  pids+=("$!")
+  until redis-cli -p "$rport" ping 2>/dev/null | grep -q PONG; do sleep 0.05; done
+  echo "### Session stores: memory vs Redis (wrk, $CONNECTIONS connections, $DURATION, $RUNS interleaved pairs)"
+  echo
+  echo "| file | requests | store | req/s (median) | p50 | p99 | Redis commands/request | redis/memory (median of pairs) |"
+  echo "|---|---|---|---|---|---|---|---|"
+  for file in f1k f100k; do
+    for mode in range norange; do
+      local mem=() red=() ratios=() cmds=() lat_m="" lat_r=""
+      for _ in $(seq "$RUNS"); do
+        for store in memory redis; do
+          local flag=memory
+          [ "$store" = redis ] && flag="redis://127.0.0.1:$rport/"
+          redis-cli -p "$rport" flushall >/dev/null
+          redis-cli -p "$rport" config resetstat >/dev/null
+          STORE="$flag" start_roam
+          local args=("$file")
+          if [ "$mode" = norange ]; then
+            # Without Range every request is a resume decided by the store: first downloads,
+            # then (sessions finished) 416s. Complete the sessions first, as in bench_answers.
+            taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNECTIONS" -d2s -s scripts/wrk-sessions.lua \
+              "http://$ADDR" -- "$file" "$work/ids" norange >/dev/null 2>&1 || true
+            redis-cli -p "$rport" config resetstat >/dev/null
+            taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency --timeout 10s \
+              -s scripts/wrk-sessions.lua "http://$ADDR" -- "$file" "$work/ids" norange >"$work/wrk.txt" 2>&1 || true
+            local r p50 p99
+            r=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
+            p50=$(awk '$1 == "50%" {print $2}' "$work/wrk.txt")
+            p99=$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")
+          else
+            read -r r p50 p99 _ < <(WRK_FILE="$file" WRK_CONNS="$CONNECTIONS" wrk_once)
+          fi
+          local n
+          n=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
+          stop_server
+          if [ "$store" = memory ]; then
+            mem+=("$r"); lat_m="$p50 $p99"
+          else
+            red+=("$r"); lat_r="$p50 $p99"
+            local c
+            c=$(redis-cli -p "$rport" info commandstats | tr -d '\r' |
+              awk -F'[:=,]' '/^cmdstat_/ && $1 != "cmdstat_config" && $1 != "cmdstat_flushall" && $1 != "cmdstat_info" {s += $3} END {print s + 0}')
+            cmds+=("$(awk -v c="$c" -v n="$n" 'BEGIN { if (n > 0) printf "%.3f", c / n; else print "n/a" }')")
+            ratios+=("$(ratio "$r" "${mem[-1]}")")
+          fi
+        done
+      done
+      med() { printf '%s\n' "$@" | sort -g | sed -n "$((($# + 1) / 2))p"; }
+      read -r p50 p99 <<<"$lat_m"
+      echo "| $file | $mode | memory | $(med "${mem[@]}") | $p50 | $p99 | | |"
+      read -r p50 p99 <<<"$lat_r"
+      echo "| $file | $mode | redis | $(med "${red[@]}") | $p50 | $p99 | $(med "${cmds[@]}") | $(med "${ratios[@]}") |"
+    done
+  done
+  echo
+}
+
 bench_answers() {
   mint_ids
   echo "### roam's cheap answers (wrk, $CONNECTIONS connections, $DURATION, median of $RUNS)"
@@ -572,6 +641,7 @@ case "${1:-all}" in
   versus) bench_versus ;;
   runtime) bench_runtime ;;
   answers) bench_answers ;;
-  all) bench_small; bench_large; bench_conns; bench_tls; bench_accounting; bench_store; bench_mptcp; bench_cold; bench_runtime; bench_answers ;;
-  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|cold|versus|runtime|answers|all" >&2; exit 2 ;;
+  redis) bench_redis ;;
+  all) bench_small; bench_large; bench_conns; bench_tls; bench_accounting; bench_store; bench_mptcp; bench_cold; bench_runtime; bench_answers; bench_redis ;;
+  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|cold|versus|runtime|answers|redis|all" >&2; exit 2 ;;
 esac

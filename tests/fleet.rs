@@ -638,6 +638,84 @@ fn redis_restarting_without_persistence_costs_a_repeat_never_a_gap() {
     );
 }
 
+/// A Redis Cluster with a replica per master: the master holding a downloading client's session
+/// is killed with SIGKILL; its replica takes over (asynchronous replication may lose the last
+/// writes). The download goes on; the client then moves to node B, which resumes it with no gap
+/// and a bounded repeat.
+#[test]
+fn a_replica_promoted_after_its_primary_died_costs_a_bounded_repeat() {
+    if !redis_or_skip() {
+        return;
+    }
+    const LEN: usize = 24 * MIB;
+    const RATE: usize = 4 * MIB;
+    let mut cluster = RedisCluster::start_with_replicas(1);
+    let url = cluster.url();
+    let root = Root::new();
+    let data = Arc::new(pattern(LEN, 7));
+    root.file("f.bin", &data);
+    let secret = Secret::new();
+    let a = Node::start(root.path(), &url, &secret, PATIENT).joined();
+    let b = Node::start(root.path(), &url, &secret, PATIENT).joined();
+    let id = a.mint();
+    let target = format!("/{id}/f.bin");
+    let addr = Arc::new(Mutex::new(a.addr));
+    let mut d = Downloader::new(target.clone(), Arc::clone(&data), RATE);
+    let progress = Arc::clone(&d.progress);
+    let leave = Arc::clone(&d.leave);
+    let client = {
+        let addr = Arc::clone(&addr);
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !d.done() {
+                assert!(Instant::now() < deadline, "never finished: {:?}", d.starts);
+                let at = *addr.lock().unwrap();
+                if !d.attempt(at) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            d
+        })
+    };
+    wait_until("progress on A", Duration::from_secs(60), || {
+        offset(b.addr, &target) >= 2 * MIB as u64
+    });
+    // The master that holds the session (the only key on it matching roam:{…}:…).
+    let holder = cluster.nodes[..3]
+        .iter()
+        .position(|n| {
+            n.cli(&["KEYS", "roam:{*}:*"])
+                .is_some_and(|k| !k.is_empty())
+        })
+        .expect("a master holds the session");
+    cluster.nodes[holder].kill();
+    let at_kill = progress.load(Ordering::Relaxed);
+    // The replica is promoted (node timeout 2 s) and B reads the session from it again.
+    wait_until(
+        "the session readable after the failover",
+        Duration::from_secs(60),
+        || offset(b.addr, &target) > 0 && progress.load(Ordering::Relaxed) > at_kill,
+    );
+    *addr.lock().unwrap() = b.addr;
+    leave.store(true, Ordering::Relaxed);
+    let d = client.join().unwrap();
+    assert!(d.have == *data, "the file differs");
+    println!(
+        "replica promoted: responses {:?}, worst repeat {} bytes",
+        d.starts, d.worst_repeat
+    );
+    assert!(
+        d.starts.iter().skip(1).any(|&(s, _)| s == 206),
+        "B resumed: {:?}",
+        d.starts
+    );
+    assert!(
+        d.worst_repeat <= 2 * MIB as u64,
+        "worst repeat {} bytes",
+        d.worst_repeat
+    );
+}
+
 /// A node whose Redis is not there at start-up starts anyway and serves from what it knows
 /// (docs/DEPLOYMENT.md, "Redis faults"), logging the outage once however many requests came.
 #[test]

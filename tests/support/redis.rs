@@ -215,10 +215,16 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// Three masters.
     pub fn start() -> RedisCluster {
+        Self::start_with_replicas(0)
+    }
+
+    /// Three masters with `replicas` replicas each (`nodes`: masters first, as created).
+    pub fn start_with_replicas(replicas: usize) -> RedisCluster {
         let tmp = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
-        for i in 0..3 {
+        for i in 0..3 * (1 + replicas) {
             let dir = tmp.path().join(format!("n{i}"));
             std::fs::create_dir_all(&dir).unwrap();
             let conf = dir.join("nodes.conf");
@@ -235,6 +241,9 @@ impl RedisCluster {
                 &bus,
                 "--appendonly",
                 "no",
+                // Replicas sync at once (the default waits 5 s for more replicas to join).
+                "--repl-diskless-sync-delay",
+                "0",
             ];
             nodes.push(RedisServer::start_in(&dir, &args, None));
         }
@@ -244,7 +253,7 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{}", n.port));
         }
         let out = create
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("run redis-cli --cluster create");
         assert!(
@@ -263,14 +272,24 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        for n in &nodes {
+            // Every replica has its data link up (a failover needs it).
+            while n.cli(&["ROLE"]).is_some_and(|r| {
+                r.starts_with("slave") && r.lines().nth(3).is_none_or(|s| s != "connected")
+            }) {
+                assert!(Instant::now() < deadline, "a replica never connected");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         RedisCluster { nodes, _tmp: tmp }
     }
 
-    /// `--store` for the cluster.
+    /// `--store` for the cluster (every live node a seed).
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self
             .nodes
             .iter()
+            .filter(|n| n.child.is_some())
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         format!("redis+cluster://{}", hosts.join(","))
