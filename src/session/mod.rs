@@ -224,9 +224,13 @@ impl Sessions {
         let StopRequest { key, epoch } = request;
         let store = &self.inner.store;
         let local = store.local(key);
-        // A sender here of another epoch began after the one the message names (the message
-        // is late: sent again while its sender waited, or slow to arrive): not the one to stop.
-        if local.is_none_or(|r| r.epoch == epoch) && self.inner.owners.stop(key) {
+        // The sender to stop is the one of the epoch the message names, or one this node began
+        // by itself since and has not written yet (a declared Range: the asking node could not
+        // know it, and the client left it). A sender of another epoch that the store knows
+        // began after the message was sent (it is late: sent again while its sender waited, or
+        // slow to arrive): not the one to stop.
+        let current = local.is_none_or(|r| r.epoch == epoch || store.unwritten(key, r.epoch));
+        if current && self.inner.owners.stop(key) {
             return;
         }
         match local {
@@ -294,7 +298,7 @@ impl Sessions {
 
     /// The version the session's record refers to, if there is a record.
     pub async fn version(&self, key: SessionKey) -> Result<Option<u32>, SessionError> {
-        Ok(self.inner.store.get(key).await?.map(|r| r.version))
+        Ok(self.inner.store.version(key).await?)
     }
 
     /// A copy of the record (tests, diagnostics).

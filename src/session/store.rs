@@ -119,6 +119,20 @@ impl Store {
         }
     }
 
+    /// The file version `key`'s record refers to (a `Range` request checks that the client's
+    /// partial copy is of the current file). For a shared store, this node's own record
+    /// answers when it has one, without a round trip to Redis: a version changes only when the
+    /// file does, and every node serves the same files (docs/DEPLOYMENT.md); a stale answer
+    /// only makes the client get the whole file again.
+    pub async fn version(&self, key: SessionKey) -> Result<Option<u32>, StoreError> {
+        if self.shared.is_some() {
+            if let Some(r) = self.table.get(&key) {
+                return Ok(Some(r.version));
+            }
+        }
+        Ok(self.get(key).await?.map(|r| r.version))
+    }
+
     /// A record of a shared store as this node should see it: the store's, unless this node
     /// holds newer progress of the same epoch, or an epoch it began and has not written yet.
     /// When the store cannot be asked (unreachable, or slow), this node's own record.
@@ -155,7 +169,7 @@ impl Store {
     }
 
     /// True when `epoch` of `key` was begun here and the shared store has not been told yet.
-    fn unwritten(&self, key: SessionKey, epoch: Epoch) -> bool {
+    pub fn unwritten(&self, key: SessionKey, epoch: Epoch) -> bool {
         self.writer
             .as_ref()
             .is_some_and(|w| w.is_unwritten(key, epoch))
@@ -177,10 +191,16 @@ impl Store {
         let epoch = self.table.begin(key, version, offset)?;
         if let Some(w) = &self.writer {
             if self.shared.is_some() {
+                // Written with the next regular batch: several begins of one session in a flush
+                // interval (a client's successive Range requests) then cost one write. Another
+                // node learns of it no later than that, and meanwhile a takeover from it waits
+                // for this node (which answers for its newest sender).
                 w.begun_here(key, epoch);
+            } else {
+                // A new epoch may move the offset backwards (a declared position): write it
+                // soon.
+                w.wake();
             }
-            // A new epoch may move the offset backwards (a declared position): write it soon.
-            w.wake();
         }
         Ok(epoch)
     }
