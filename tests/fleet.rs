@@ -704,6 +704,15 @@ fn a_replica_promoted_after_its_primary_died_costs_a_bounded_repeat() {
         "replica promoted: responses {:?}, worst repeat {} bytes",
         d.starts, d.worst_repeat
     );
+    for (name, n) in [("A", &a), ("B", &b)] {
+        for l in n
+            .log()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("subscription was lost"))
+        {
+            println!("{name}: {l}");
+        }
+    }
     assert!(
         d.starts.iter().skip(1).any(|&(s, _)| s == 206),
         "B resumed: {:?}",

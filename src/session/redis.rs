@@ -305,6 +305,9 @@ fn stop_channel(node: &str) -> String {
     format!("roam:{{{node}}}:stop")
 }
 
+/// What a node sends itself on its stop channel to check that it still listens.
+const PING: &str = "ping";
+
 /// A stop request on the wire: the session (client and file, 32 hex digits) and the epoch.
 fn stop_message(key: SessionKey, epoch: Epoch) -> String {
     format!("{:016x}{:016x} {}", key.client, key.file.0, epoch.0)
@@ -786,6 +789,12 @@ impl RedisBackend {
         // Kept alive for as long as we listen.
         let mut subscription: Option<Conn> = None;
         let mut retry = Duration::from_millis(50);
+        // Every second the node sends itself a ping on its channel: PUBLISH answers how many
+        // subscribers got it, and none means the subscription was lost without the client
+        // noticing (measured: a Cluster failover of the channel's shard leaves the sharded
+        // subscription on the dead master). Then it subscribes again.
+        let mut check = tokio::time::interval(HEARTBEAT_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if subscription.is_none() {
                 match tokio::time::timeout(BACKGROUND_WAIT, self.subscribe(&channel, tx.clone()))
@@ -822,7 +831,25 @@ impl RedisBackend {
                         Some(req) => {
                             let _ = stops.send(req);
                         }
+                        None if payload.as_deref() == Some(PING) => {}
                         None => tracing::debug!(?payload, "ignoring a malformed stop message"),
+                    }
+                }
+                _ = check.tick(), if subscription.is_some() => {
+                    let cluster = self.inner.target.cluster;
+                    let channel = channel.clone();
+                    let heard = self
+                        .slow("ping", |mut c| async move {
+                            redis::cmd(if cluster { "SPUBLISH" } else { "PUBLISH" })
+                                .arg(&channel)
+                                .arg(PING)
+                                .query_async::<i64>(&mut c)
+                                .await
+                        })
+                        .await;
+                    if let Ok(0) = heard {
+                        tracing::debug!("the stop channel's subscription was lost; subscribing again");
+                        subscription = None;
                     }
                 }
                 () = tokio::time::sleep(wait) => {

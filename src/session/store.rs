@@ -252,7 +252,12 @@ impl Store {
         let applied = self.table.end(key, epoch, ended);
         if applied {
             if let Some(w) = &self.writer {
-                w.wake();
+                // In a fleet, a sender stopped for a takeover is awaited by another node: write
+                // at once. A body delivered whole is not: the next regular batch carries it
+                // (with the begin of the same request, most often: one write for both).
+                if self.shared.is_none() || ended != Ended::Clean {
+                    w.wake();
+                }
             }
         }
         applied
