@@ -535,7 +535,7 @@ impl RedisBackend {
                 if t.tls() {
                     // rediss:// through rustls: the process needs one crypto provider. Another
                     // part of roam may have installed it already, which is fine.
-                    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                    let _ = crate::tls::provider().install_default();
                 }
                 if t.cluster {
                     let client = redis::cluster::ClusterClientBuilder::new(t.urls.clone())
