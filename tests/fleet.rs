@@ -58,6 +58,16 @@ struct Node {
 
 impl Node {
     fn start(root: &Path, store: &str, secret: &Secret, extra: &[&str]) -> Node {
+        Self::start_env(root, store, secret, extra, &[])
+    }
+
+    fn start_env(
+        root: &Path,
+        store: &str,
+        secret: &Secret,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Node {
         let state = tempfile::tempdir().unwrap();
         let log = state.path().join("roam.log");
         let stderr = std::fs::File::create(&log).unwrap();
@@ -73,6 +83,7 @@ impl Node {
             .args(extra)
             .env("RUST_LOG", "roam=debug")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -99,9 +110,15 @@ impl Node {
 
     /// Waits until the node reached its Redis (it serves before, from its own knowledge).
     fn joined(self) -> Node {
-        wait_until("the node reaches Redis", Duration::from_secs(30), || {
-            self.log().contains("connected to the fleet's store")
-        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains("connected to the fleet's store") {
+            assert!(
+                Instant::now() < deadline,
+                "the node never reached Redis:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self
     }
 
@@ -723,6 +740,136 @@ fn a_replica_promoted_after_its_primary_died_costs_a_bounded_repeat() {
         "worst repeat {} bytes",
         d.worst_repeat
     );
+}
+
+/// `rediss://`: the nodes reach a Redis that speaks only TLS on the port they are given (its
+/// certificate from a CA made by the test, which the nodes trust through `SSL_CERT_FILE`), and
+/// a client moving from one node to the other resumes exactly.
+#[test]
+fn nodes_share_a_redis_over_tls() {
+    if !redis_or_skip() {
+        return;
+    }
+    let pki = tempfile::tempdir().unwrap();
+    let p = |name: &str| pki.path().join(name);
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(pki.path())
+            .output()
+            .expect("run openssl (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=roam test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "redis.key",
+                "-out",
+                "redis.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(p("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "redis.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "redis.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext",
+    ]);
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let (cert, key, ca) = (p("redis.pem"), p("redis.key"), p("ca.pem"));
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-ca-cert-file",
+        ca.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}/");
+    let root = Root::new();
+    let data = pattern(32 * MIB, 8);
+    root.file("big.bin", &data);
+    let secret = Secret::new();
+    let env = [("SSL_CERT_FILE", ca.as_path())];
+    let a = Node::start_env(root.path(), &url, &secret, PATIENT, &env).joined();
+    let b = Node::start_env(root.path(), &url, &secret, PATIENT, &env).joined();
+    let id = a.mint();
+    let target = format!("/{id}/big.bin");
+    let mut sa = connect_small_rcvbuf(a.addr, 256 * KIB).unwrap();
+    sa.write_all(get(&target).as_bytes()).unwrap();
+    assert_eq!(read_response(&mut sa, true).status, 200);
+    let mut have = vec![0u8; MIB];
+    sa.read_exact(&mut have).unwrap();
+    wait_stalled(b.addr, &target, MIB as u64);
+    let mut sb = connect_small_rcvbuf(b.addr, 256 * KIB).unwrap();
+    sb.write_all(get(&target).as_bytes()).unwrap();
+    let head = read_response(&mut sb, true);
+    let start = start_of(&head, data.len() as u64);
+    let (rest, ended) = drain(&mut sa);
+    have.extend_from_slice(&rest);
+    assert_eq!(ended, Err(ErrorKind::ConnectionReset));
+    assert_eq!(start, have.len() as u64, "B starts where A's client stands");
+    let mut tail = vec![0u8; data.len() - start as usize];
+    sb.read_exact(&mut tail).unwrap();
+    have.extend_from_slice(&tail);
+    assert_bytes_eq(&have, &data, "over a Redis reached with TLS");
+    // The sessions are in that Redis (read here through its plain port).
+    assert!(redis.cli(&["DBSIZE"]).is_some_and(|n| n != "0"));
 }
 
 /// A node whose Redis is not there at start-up starts anyway and serves from what it knows

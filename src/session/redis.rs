@@ -491,6 +491,12 @@ impl RedisBackend {
         wait: Duration,
         clock: Arc<dyn Clock>,
     ) -> RedisBackend {
+        if target.tls() {
+            // rediss:// through rustls, which takes the process's default crypto provider
+            // (roam's HTTPS passes its provider explicitly): set before any connection is made,
+            // by the command or the subscription connection. Already set is fine.
+            let _ = crate::tls::provider().install_default();
+        }
         RedisBackend {
             inner: Arc::new(Inner {
                 target,
@@ -532,11 +538,6 @@ impl RedisBackend {
         self.inner
             .conn
             .get_or_try_init(|| async {
-                if t.tls() {
-                    // rediss:// through rustls: the process needs one crypto provider. Another
-                    // part of roam may have installed it already, which is fine.
-                    let _ = crate::tls::provider().install_default();
-                }
                 if t.cluster {
                     let client = redis::cluster::ClusterClientBuilder::new(t.urls.clone())
                         .connection_timeout(BACKGROUND_WAIT / 2)
