@@ -593,7 +593,7 @@ bench_redis() {
                 $1 == "cmdstat_publish" || $1 == "cmdstat_exists" {o += $3}
                 END {print e + 0, h - e + o}')
             cmds+=("$(awk -v c="$c" -v n="$n" 'BEGIN { split(c, x, " "); if (n > 0) printf "%.2f+%.2f", x[1] / n, x[2] / n; else print "n/a" }')")
-            ratios+=("$(ratio "$r" "${mem[-1]}")")
+            ratios+=("$(awk -v a="$r" -v b="${mem[-1]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')")
           fi
         done
       done
