@@ -69,10 +69,13 @@ impl Connection {
         let Connection {
             stream,
             mut deliveries,
+            svc,
             ..
         } = self;
         drop(stream);
-        deliveries.finish_all(ended, peer_reset);
+        deliveries.finish_all(ended, peer_reset, end.body_end(), &svc.ops().access_log);
+        let (sent, acked) = deliveries.take_counts();
+        svc.metrics().body_bytes(sent, acked);
     }
 
     /// `end`, unless the peer had already reset its side (its RST arrived while the connection

@@ -7,6 +7,7 @@ use super::clock::Clock;
 use super::key::{Ended, Epoch, Record, SessionKey};
 use super::table::Table;
 use super::writebehind::WriteBehind;
+use crate::ops::metrics::StoreMetrics;
 use crate::throttle::LogThrottle;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,8 @@ static READ_FAILURES: LogThrottle = LogThrottle::new();
 pub struct Store {
     table: Table,
     writer: Option<WriteBehind>,
+    /// Counts failed reads and expiries (the writer counts its batches).
+    metrics: StoreMetrics,
 }
 
 impl Store {
@@ -33,6 +36,7 @@ impl Store {
         Store {
             table: Table::new(cap, ttl, clock, false),
             writer: None,
+            metrics: StoreMetrics::default(),
         }
     }
 
@@ -47,7 +51,26 @@ impl Store {
         Store {
             table: Table::new(cap, ttl, clock, true),
             writer: Some(WriteBehind::new(backend, flush_interval)),
+            metrics: StoreMetrics::default(),
         }
+    }
+
+    /// Counts into `metrics` from now on (a server's registry).
+    pub fn observe(&mut self, metrics: StoreMetrics) {
+        if let Some(w) = &mut self.writer {
+            w.observe(metrics.clone());
+        }
+        self.metrics = metrics;
+    }
+
+    /// `Ok` while the store can be reached and written: the backend says it is up and the last
+    /// batch was committed. A memory store always is.
+    pub fn health(&self) -> Result<(), StoreError> {
+        let Some(w) = &self.writer else {
+            return Ok(());
+        };
+        w.backend().health()?;
+        w.health()
     }
 
     /// The table (tests and the sweeper look inside).
@@ -75,6 +98,7 @@ impl Store {
             Ok(Some(stored)) => Ok(Some(self.table.fill(key, stored.record, stored.touched))),
             Ok(None) => Ok(None),
             Err(e) => {
+                self.metrics.error();
                 if let Some(suppressed) = READ_FAILURES.admit() {
                     tracing::warn!(error = %e, suppressed, "cannot read a session; serving it from byte 0");
                 }
@@ -143,7 +167,10 @@ impl Store {
             }
             match w.backend().expire().await {
                 Ok(n) => expired = expired.max(n),
-                Err(e) => tracing::warn!(error = %e, "cannot expire stored sessions"),
+                Err(e) => {
+                    self.metrics.error();
+                    tracing::warn!(error = %e, "cannot expire stored sessions");
+                }
             }
         }
         expired

@@ -5,7 +5,8 @@
 
 use super::backend::{Backend, Report, StoreError};
 use super::table::Table;
-use std::sync::Arc;
+use crate::ops::metrics::StoreMetrics;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -23,6 +24,9 @@ pub struct WriteBehind {
     wake: Notify,
     /// Failed flushes in the current burst (0: writing works).
     failures: std::sync::atomic::AtomicU64,
+    /// Why the last flush failed, while `failures` > 0.
+    last_error: Mutex<Option<String>>,
+    metrics: StoreMetrics,
 }
 
 impl WriteBehind {
@@ -34,7 +38,28 @@ impl WriteBehind {
             min_gap: interval / 8,
             wake: Notify::new(),
             failures: std::sync::atomic::AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            metrics: StoreMetrics::default(),
         }
+    }
+
+    /// Times batches and counts failures into `metrics`.
+    pub fn observe(&mut self, metrics: StoreMetrics) {
+        self.metrics = metrics;
+    }
+
+    /// `Ok` unless the last flush failed (then its error).
+    pub fn health(&self) -> Result<(), StoreError> {
+        if self.failing() == 0 {
+            return Ok(());
+        }
+        let why = self
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_else(|| "writing sessions fails".into());
+        Err(StoreError(why))
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -69,9 +94,13 @@ impl WriteBehind {
                 }
             })
             .collect();
-        match self.backend.commit(batch).await {
+        let started = std::time::Instant::now();
+        let committed = self.backend.commit(batch).await;
+        self.metrics.flushed(started.elapsed());
+        match committed {
             Ok(_) => Ok(taken.len()),
             Err(e) => {
+                self.metrics.error();
                 for (key, _) in taken {
                     table.redirty(key);
                 }
@@ -117,6 +146,9 @@ impl WriteBehind {
                 }
             }
             Err(e) => {
+                if let Ok(mut last) = self.last_error.lock() {
+                    *last = Some(e.0.clone());
+                }
                 if self.failures.fetch_add(1, Relaxed) == 0 {
                     tracing::warn!(
                         store = self.backend.name(),

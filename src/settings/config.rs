@@ -49,6 +49,12 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 /// Accept Multipath TCP by default: plain TCP clients are handed over as TCP sockets by the
 /// kernel, so they pay nothing for it (docs/benchmarks.md, "Multipath TCP").
 pub const DEFAULT_MPTCP: bool = true;
+/// No admin listener unless one is asked for: `/metrics` tells traffic volumes and client
+/// counts, so it is exposed only where the operator chose (docs/SECURITY.md).
+pub const DEFAULT_ADMIN_LISTEN: Option<SocketAddr> = None;
+/// No access log unless asked for: at tens of thousands of responses a second it is the
+/// largest thing roam would write.
+pub const DEFAULT_ACCESS_LOG: &str = "off";
 pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
@@ -58,6 +64,28 @@ pub const DEFAULT_MAX_HEADERS: usize = 64;
 pub enum LogFormat {
     Pretty,
     Json,
+}
+
+/// Where the access log goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Off,
+    Stderr,
+    /// Appended to this file (created mode 0640), reopened on SIGHUP.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for AccessLogTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(AccessLogTarget::Off),
+            "stderr" => Ok(AccessLogTarget::Stderr),
+            "" => Err("expected off, stderr or a file path".into()),
+            path => Ok(AccessLogTarget::File(PathBuf::from(path))),
+        }
+    }
 }
 
 /// Where session records live.
@@ -120,6 +148,11 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Listen with Multipath TCP where the kernel has it (TCP otherwise).
     pub mptcp: bool,
+    /// The admin listener's address (`/metrics`, `/healthz`, `/readyz`); none by default.
+    pub admin_listen: Option<SocketAddr>,
+    pub access_log: AccessLogTarget,
+    /// The format of the logs and of the access log.
+    pub log_format: LogFormat,
 }
 
 /// A setting that cannot work.
@@ -162,6 +195,9 @@ impl Config {
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             tls: None,
             mptcp: DEFAULT_MPTCP,
+            admin_listen: DEFAULT_ADMIN_LISTEN,
+            access_log: AccessLogTarget::Off,
+            log_format: LogFormat::Pretty,
         }
     }
 
@@ -217,6 +253,12 @@ impl Config {
             || self.flush_interval > Duration::from_secs(10)
         {
             return bad("--flush-interval must be between 1ms and 10s");
+        }
+        if self
+            .admin_listen
+            .is_some_and(|a| a == self.listen && a.port() != 0)
+        {
+            return bad("--admin-listen must differ from --listen");
         }
         if self.id_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return bad("the ID secret must be at least 16 bytes");
