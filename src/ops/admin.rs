@@ -26,6 +26,8 @@ use tokio_util::task::TaskTracker;
 /// backlog, so a flood on the admin port costs the public listener nothing.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 const READ_CHUNK: usize = 2048;
+/// How long a closing admin connection drains what the peer still sends.
+const LINGER_READ: Duration = Duration::from_secs(2);
 /// Pause after an accept error that means "out of resources".
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -99,10 +101,25 @@ async fn serve(mut stream: TcpStream, svc: &Service, stop: &CancellationToken) {
             _ => return,
         }
         if close {
-            let _ = stream.shutdown().await;
+            linger(&mut stream).await;
             return;
         }
     }
+}
+
+/// After the last answer: FIN, then read and discard what the peer still sends (bounded), so
+/// that unread request bytes do not turn the close into a reset that destroys the answer.
+async fn linger(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut scratch = [0u8; 1024];
+    let _ = tokio::time::timeout(LINGER_READ, async {
+        while let Ok(n) = stream.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Reads the next request head under the public listener's limits: the header timeout from a
