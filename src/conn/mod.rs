@@ -158,16 +158,9 @@ impl Connection {
                 Err(ReadEnd::Bad(err)) => {
                     self.log_error(&err, None);
                     let resp = respond::error_response(&err, false);
-                    let line = self.access_line(None);
-                    return match Box::pin(self.send(
-                        resp,
-                        true,
-                        false,
-                        std::time::Instant::now(),
-                        line,
-                    ))
-                    .await
-                    {
+                    let received = std::time::Instant::now();
+                    let line = self.access_line(None, received);
+                    return match Box::pin(self.send(resp, true, false, received, line)).await {
                         Ok(()) => Ending::Done,
                         Err(end) => end,
                     };
@@ -179,7 +172,7 @@ impl Connection {
                 let err = RequestError::PlainHttpOnTlsPort;
                 self.log_error(&err, Some(&req));
                 let resp = respond::error_response(&err, req.method == Method::Head);
-                let line = self.access_line(Some(&req));
+                let line = self.access_line(Some(&req), received);
                 return match Box::pin(self.send(resp, true, req.http10, received, line)).await {
                     Ok(()) => Ending::Done,
                     Err(end) => end,
@@ -208,7 +201,7 @@ impl Connection {
             };
             let close = close || self.shutdown.is_cancelled();
             tracing::debug!(peer = %self.peer, target = %req.target, status = resp.head.status().code(), "response");
-            let line = self.access_line(Some(&req));
+            let line = self.access_line(Some(&req), received);
             if let Err(end) = Box::pin(self.send(resp, close, req.http10, received, line)).await {
                 return end;
             }
@@ -218,16 +211,23 @@ impl Connection {
         }
     }
 
-    /// The access log record for `req` (none for a head that could not be parsed), if the
-    /// log is on.
-    fn access_line(&self, req: Option<&Request>) -> Option<Box<AccessRecord>> {
+    /// The access log record for `req` (none for a head that could not be parsed), read at
+    /// `received`, if the log is on.
+    fn access_line(
+        &self,
+        req: Option<&Request>,
+        received: std::time::Instant,
+    ) -> Option<Box<AccessRecord>> {
         if !self.svc.ops().access_log.enabled() {
             return None;
         }
-        Some(Box::new(match req {
-            Some(r) => AccessRecord::new(self.peer, Some(r.method), &r.target, r.range.as_deref()),
-            None => AccessRecord::new(self.peer, None, "-", None),
-        }))
+        let (method, target, range) = match req {
+            Some(r) => (Some(r.method), r.target.as_str(), r.range.as_deref()),
+            None => (None, "-", None),
+        };
+        Some(Box::new(AccessRecord::new(
+            self.peer, method, target, range, received,
+        )))
     }
 
     fn log_error(&self, err: &RequestError, req: Option<&Request>) {

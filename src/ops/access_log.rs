@@ -97,15 +97,18 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
-    /// A record for a request whose head was read at `received`.
+    /// A record for a request whose head was read at `received` (the response may have been
+    /// decided later: a takeover waits for the previous sender).
     pub fn new(
         client: SocketAddr,
         method: Option<Method>,
         path: &str,
         range: Option<&str>,
+        received: Instant,
     ) -> Self {
+        let now = SystemTime::now();
         AccessRecord {
-            time: SystemTime::now(),
+            time: now.checked_sub(received.elapsed()).unwrap_or(now),
             client,
             method,
             path: path.to_owned(),
@@ -114,7 +117,7 @@ impl AccessRecord {
             body_start: None,
             sent: 0,
             acked: 0,
-            received: Instant::now(),
+            received,
             duration: None,
             ended: BodyEnd::Complete,
         }
@@ -509,6 +512,7 @@ mod tests {
             Some(Method::Get),
             "/0b8e3f6a-9c1d-8e2f-8a4b-5c6d7e8f9a0b/dir/a \"b\".bin",
             Some("bytes=100-"),
+            Instant::now(),
         );
         r.status = 206;
         r.body_start = Some(100);
