@@ -1,7 +1,8 @@
 //! Prometheus metrics (prometheus-client): one registry per server, and the handles the request
 //! path, the session layer and the store stack increment. Every handle is resolved once, when
 //! [`Metrics::new`] builds the registry: a counter is an `Arc<AtomicU64>`, so counting a response
-//! is one relaxed atomic add, with no label lookup per request.
+//! is one relaxed atomic add, with no label lookup per request, and the request duration
+//! histogram ([`DurationHistogram`]) is lock-free too.
 //!
 //! Names are a contract with dashboards and alerts (docs/OPERATIONS.md lists them with their
 //! meaning); rename nothing without a note there.
@@ -13,11 +14,14 @@
 
 use crate::http::response::Status;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -181,6 +185,69 @@ impl TlsMetrics {
     }
 }
 
+/// A histogram observed once per response, by every worker thread: each bucket's count and the
+/// sum (in nanoseconds) are atomics, so observing is two relaxed atomic adds and never takes a
+/// lock. (prometheus-client's `Histogram` keeps its state behind a mutex, which every worker
+/// would take once per response.) Exposed as a classic histogram with explicit buckets.
+#[derive(Clone, Debug)]
+pub struct DurationHistogram {
+    inner: Arc<DurationBuckets>,
+}
+
+#[derive(Debug)]
+struct DurationBuckets {
+    /// Upper bounds in seconds, ascending; one more count than bounds, for `+Inf`.
+    bounds: &'static [f64],
+    /// Per-bucket (not cumulative) counts: `counts[i]` counts the observations in
+    /// (`bounds[i-1]`, `bounds[i]`]; the last, those above every bound.
+    counts: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+}
+
+impl DurationHistogram {
+    /// A histogram with `bounds` (seconds, ascending).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]));
+        DurationHistogram {
+            inner: Arc::new(DurationBuckets {
+                bounds,
+                counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+                sum_nanos: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let slot = self.inner.bounds.partition_point(|&b| b < secs);
+        self.inner.counts[slot].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.inner.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl EncodeMetric for DurationHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let d = &self.inner;
+        // Count and buckets come from one read of the counts, so they agree; the sum may
+        // include an observation they do not yet show.
+        let buckets: Vec<(f64, u64)> = d
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(d.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = d.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// The server's metrics: a cheap-clone handle.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -200,7 +267,7 @@ struct Inner {
     ids_minted: Counter,
     sessions: Gauge,
     connections: Gauge,
-    request_duration: Histogram,
+    request_duration: DurationHistogram,
     store: StoreMetrics,
     tls: TlsMetrics,
     access_log_dropped: Counter,
@@ -272,7 +339,7 @@ impl Metrics {
             "Client connections open on the public listener",
             connections.clone(),
         );
-        let request_duration = Histogram::new(REQUEST_DURATION_BUCKETS);
+        let request_duration = DurationHistogram::new(&REQUEST_DURATION_BUCKETS);
         registry.register(
             "roam_request_duration_seconds",
             "From a request's head to the last byte of its response handed to the kernel \
@@ -343,7 +410,7 @@ impl Metrics {
 
     /// A response sent whole, `took` after its request's head arrived.
     pub fn request_done(&self, took: Duration) {
-        self.inner.request_duration.observe(took.as_secs_f64());
+        self.inner.request_duration.observe(took);
     }
 
     pub fn resume(&self, how: ResumeHow) {
@@ -476,6 +543,45 @@ mod tests {
             "nothing before HTTPS"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn the_duration_histogram_counts_bounds_inclusively_and_loses_nothing_across_threads() {
+        let m = Metrics::new();
+        m.request_done(Duration::from_millis(1));
+        m.request_done(Duration::from_secs(2 * 3600));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        m.request_done(Duration::from_micros(700));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = m.render(0);
+        let series = |le: &str| {
+            value(
+                &text,
+                &format!("roam_request_duration_seconds_bucket{{le=\"{le}\"}}"),
+            )
+        };
+        assert_eq!(series("0.0005"), Some(0.0));
+        // A bound is inclusive: 1 ms is in le="0.001", with the 40,000 of 0.7 ms.
+        assert_eq!(series("0.001"), Some(40_001.0));
+        assert_eq!(series("3600.0"), Some(40_001.0));
+        assert_eq!(series("+Inf"), Some(40_002.0));
+        assert_eq!(
+            value(&text, "roam_request_duration_seconds_count"),
+            Some(40_002.0)
+        );
+        let sum = value(&text, "roam_request_duration_seconds_sum").unwrap();
+        assert!((sum - (0.001 + 7200.0 + 28.0)).abs() < 1e-6, "{sum}");
+        assert!(text.contains("# TYPE roam_request_duration_seconds histogram"));
     }
 
     #[test]
