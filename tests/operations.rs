@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::server::{connect, get, get_with, pattern, read_response, request, Root};
+use support::tls::{tls_connect, TestPki};
 
 const MIB: usize = 1024 * 1024;
 
@@ -59,7 +60,8 @@ impl Roam {
         let mut line = |prefix: &str| {
             let mut l = String::new();
             let _ = stdout.read_line(&mut l);
-            match l.trim().strip_prefix(prefix) {
+            let l = l.trim().replace("https://", "http://");
+            match l.strip_prefix(prefix) {
                 Some(a) => a.parse::<SocketAddr>().unwrap(),
                 None => panic!(
                     "roam did not start: {l:?}\n{}",
@@ -418,6 +420,53 @@ fn a_client_reset_mid_body_frees_its_connection_at_once() {
     }
     // Far below the write-stall timeout: what the close waits for (a 2 s linger) and slack.
     srv.wait_connections_closed(Duration::from_secs(30));
+}
+
+/// With HTTPS, handshakes are counted by how they ended: `ok`; `failed` (a handshake record
+/// rustls cannot parse); `timeout` (a ClientHello's first byte, then nothing for the header
+/// timeout). A plain-HTTP request on the HTTPS port is not a handshake and is not counted.
+#[test]
+fn tls_handshakes_are_counted_by_result() {
+    let pki = TestPki::new(&[]);
+    let root = Root::new();
+    let work = tempfile::tempdir().unwrap();
+    let srv = Roam::start(
+        root.path(),
+        &work.path().join("state"),
+        work.path(),
+        &[
+            "--store",
+            "memory",
+            "--header-timeout",
+            "1s",
+            "--tls-cert",
+            pki.cert_path().to_str().unwrap(),
+            "--tls-key",
+            pki.key_path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    let series = |result: &str| {
+        value(
+            &srv.scrape(),
+            &format!("roam_tls_handshakes_total{{result=\"{result}\"}}"),
+        )
+    };
+    for _ in 0..2 {
+        drop(tls_connect(srv.addr, &pki.client_config()));
+    }
+    let mut sink = Vec::new();
+    let mut bad = connect(srv.addr);
+    bad.write_all(b"\x16\x03\x01\x00\x05hello").unwrap();
+    let _ = bad.read_to_end(&mut sink);
+    let mut slow = connect(srv.addr);
+    slow.write_all(b"\x16").unwrap();
+    let _ = slow.read_to_end(&mut sink);
+    let plain = request(srv.addr, &get("/"));
+    assert_eq!(plain.status, 400, "{plain:?}");
+    wait_until("every handshake counted", Duration::from_secs(10), || {
+        series("ok") == Some(2.0) && series("failed") == Some(1.0) && series("timeout") == Some(1.0)
+    });
 }
 
 /// The admin listener answers GET and HEAD on its three paths only, with the public listener's

@@ -7,10 +7,10 @@
 //! Names are a contract with dashboards and alerts (docs/OPERATIONS.md lists them with their
 //! meaning); rename nothing without a note there.
 //!
-//! Hooks for work that lands later: `roam_tls_handshakes_total{result}` through
-//! [`Metrics::tls`], `roam_takeovers_total{scope="remote"}` through [`Metrics::takeovers`], and a
-//! shared store's errors through [`StoreMetrics::error`] (the write-behind layer already times
-//! every batch and counts its failures, whatever the backend).
+//! The HTTPS listener counts handshakes through [`Metrics::tls`] (`conn::tls`). Hooks for work
+//! that lands later: `roam_takeovers_total{scope="remote"}` through [`Metrics::takeovers`], and
+//! a shared store's errors through [`StoreMetrics::error`] (the write-behind layer already
+//! times every batch and counts its failures, whatever the backend).
 
 use crate::http::response::Status;
 use prometheus_client::encoding::text::encode;
