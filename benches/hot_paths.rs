@@ -1,6 +1,6 @@
 //! Per-call costs on the request path: parsing a head, parsing a Range, reading the kernel's
-//! acknowledgement counter (what confirmed-delivery accounting adds per settle), and progress
-//! store operations.
+//! acknowledgement counter (what confirmed-delivery accounting adds per settle), progress
+//! store operations, and what the metrics add to one response.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use roam::http::request::{self, Limits};
@@ -152,5 +152,19 @@ fn decide(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, parsing, tcp_info, store, decide);
+/// What the ops layer adds to one 1 KiB response with the access log off (its default): the
+/// response counter, the duration histogram, and the body's bytes sent and acknowledged.
+fn metrics(c: &mut Criterion) {
+    let m = roam::ops::metrics::Metrics::new();
+    let took = Duration::from_micros(420);
+    c.bench_function("metrics for one response", |b| {
+        b.iter(|| {
+            m.response(black_box(roam::http::response::Status::PartialContent));
+            m.request_done(black_box(took));
+            m.body_bytes(black_box(1024), black_box(1024));
+        })
+    });
+}
+
+criterion_group!(benches, parsing, tcp_info, store, decide, metrics);
 criterion_main!(benches);

@@ -21,11 +21,14 @@
 #   scripts/bench.sh runtime      # roam multi-thread vs per-core runtime (1 KiB, 100 KiB)
 #   scripts/bench.sh answers      # roam: minting IDs (GET /), repeated requests for finished files (416)
 #   scripts/bench.sh redis        # memory vs Redis session store, interleaved (needs redis-server)
+#   scripts/bench.sh metrics      # the ops layer's cost: roam against OTHER_ROAM built without it
+#   scripts/bench.sh instructions # the same in instructions per request (valgrind), load-independent
 #   scripts/bench.sh all
 #
 # Knobs (environment): DURATION (5s), RUNS (5 rounds), IDS (2000), STORE (disk: roam's default),
 # SERVER_CORE (0), LOAD_CORE (1), OTHER_ROAM (another roam binary, compared as "other-roam"
-# where a case supports it). BENCH_DEBUG=1 shows wrk's output.
+# where a case supports it), ROAM_BIN (the roam to measure instead of building
+# target/release/roam). BENCH_DEBUG=1 shows wrk's output.
 # Needs: wrk, nginx, lighttpd, curl, openssl, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +45,7 @@ for tool in wrk curl taskset nginx lighttpd openssl python3; do
   command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
 done
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-cargo build --release --locked --quiet
+[ -n "${ROAM_BIN:-}" ] || cargo build --release --locked --quiet
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -634,6 +637,103 @@ bench_answers() {
 }
 
 echo "<!-- $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r), roam $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo '+changes'), STORE=$STORE DURATION=$DURATION RUNS=$RUNS -->"
+# The cost of the ops layer (issue 17: metrics counted on every response and body, the admin
+# listener on, the access log off as by default) on the 1 KiB load test: this roam against
+# OTHER_ROAM, a build from the commit before the ops layer. Interleaved rounds; per round the
+# throughput and the server's CPU time per request (utime + stime over the run, divided by the
+# requests wrk completed), which other load on the machine disturbs less than throughput. The
+# measured server's /metrics must show the responses counted.
+metrics_once() {
+  local before after line reqs admin
+  before=$(cpu_seconds "$PID")
+  line=$(wrk_once)
+  after=$(cpu_seconds "$PID")
+  reqs=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
+  admin=$(sed -n 's|roam admin listening on http://||p' "$work/roam.out")
+  if [ -n "$admin" ]; then
+    local text
+    text=$(curl -sf "http://$admin/metrics")
+    grep -q '^roam_responses_total{status="206"} [1-9]' <<<"$text" ||
+      { echo "the measured server did not count its responses" >&2; cat "$work/wrk.txt" >&2; exit 1; }
+  fi
+  read -r rps p50 p99 _ <<<"$line"
+  awk -v r="$rps" -v a="$after" -v b="$before" -v n="$reqs" -v p="$p50" -v q="$p99" \
+    'BEGIN { printf "%s %.3f %s %s\n", r, (a - b) * 1e6 / n, p, q }'
+}
+
+bench_metrics() {
+  [ -n "${OTHER_ROAM:-}" ] || { echo "metrics needs OTHER_ROAM: a roam built without the ops layer" >&2; exit 1; }
+  mint_ids
+  echo "### Cost of the ops layer: 1 KiB, 64 connections (wrk, $DURATION per run, $RUNS interleaved rounds)"
+  echo
+  WRK_FILE=f1k WRK_CONNS=64
+  local ops="roam:--admin-listen 127.0.0.1:0"
+  interleave metrics metrics_once "$ops" other-roam
+  report metrics "req/s|CPU µs/req|p50 ms|p99 ms" "$ops" other-roam
+  # The same rounds, ratios of CPU per request.
+  mkdir -p "$work/res/metrics-cpu"
+  local f
+  for f in "$work/res/metrics"/*; do
+    awk '{print $2, $1}' "$f" >"$work/res/metrics-cpu/$(basename "$f")"
+  done
+  report metrics-cpu "CPU µs/req|req/s" "$ops" other-roam
+}
+
+# The same comparison in instructions, which other load on the machine does not change:
+# valgrind (cachegrind, no cache simulation) counts the instructions the server executes while
+# curl fetches the 1 KiB file N times over one keep-alive connection (`Range: bytes=0-`, one ID:
+# each request begins a new epoch of one session), for N = 2,000 and 20,000; the difference
+# divided by 18,000 is one request's cost, start-up and shutdown cancelled out. RUNS interleaved
+# pairs; the median of the per-pair ratios.
+instructions_once() { # bin n -> instructions executed by the server
+  local bin=$1 n=$2 out="$work/vg.out" err="$work/vg.err" pid addr id
+  valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null "$bin" serve \
+    --root "$root" --listen 127.0.0.1:0 --id-secret-file "$work/secret" --store memory \
+    --workers 1 >"$out" 2>"$err" &
+  pid=$!
+  addr=""
+  for _ in $(seq 600); do
+    addr=$(sed -n 's|roam listening on http://||p' "$out")
+    [ -n "$addr" ] && break
+    sleep 0.1
+  done
+  [ -n "$addr" ] || { echo "roam under valgrind did not start: $(cat "$err")" >&2; exit 1; }
+  id=$(curl -s "http://$addr/")
+  seq "$n" | sed "s|.*|url = \"http://$addr/$id/f1k\"|" >"$work/urls"
+  [ "$(curl -s -H "Range: bytes=0-" -K "$work/urls" | wc -c)" -eq $((n * 1024)) ] ||
+    { echo "curl did not get every body" >&2; exit 1; }
+  kill -TERM "$pid"
+  wait "$pid" || true
+  awk '/I *refs/ {gsub(",", "", $4); print $4}' "$err"
+}
+
+bench_instructions() {
+  [ -n "${OTHER_ROAM:-}" ] || { echo "instructions needs OTHER_ROAM: a roam built without the ops layer" >&2; exit 1; }
+  command -v valgrind >/dev/null || { echo "valgrind is required" >&2; exit 1; }
+  local bin=${ROAM_BIN:-target/release/roam}
+  echo "### Cost of the ops layer in instructions per 1 KiB request (valgrind, $RUNS interleaved pairs)"
+  echo
+  echo "| pair | other-roam instructions/request | roam | ratio |"
+  echo "|---|---|---|---|"
+  local ratios=() i
+  for i in $(seq "$RUNS"); do
+    local b1 b2 o1 o2 base ops r
+    b1=$(instructions_once "$OTHER_ROAM" 2000)
+    o1=$(instructions_once "$bin" 2000)
+    o2=$(instructions_once "$bin" 20000)
+    b2=$(instructions_once "$OTHER_ROAM" 20000)
+    base=$(((b2 - b1) / 18000))
+    ops=$(((o2 - o1) / 18000))
+    r=$(awk -v a="$ops" -v b="$base" 'BEGIN { printf "%.4f", a / b }')
+    ratios+=("$r")
+    echo "| $i | $base | $ops | $r |"
+  done
+  echo
+  printf '%s\n' "${ratios[@]}" | sort -g |
+    awk '{a[NR] = $1} END {m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "- roam / other-roam, instructions per request: median %.4f\n", m}'
+  echo
+}
+
 case "${1:-all}" in
   small) bench_small ;;
   large) bench_large ;;
@@ -647,6 +747,8 @@ case "${1:-all}" in
   runtime) bench_runtime ;;
   answers) bench_answers ;;
   redis) bench_redis ;;
+  metrics) bench_metrics ;;
+  instructions) bench_instructions ;;
   all) bench_small; bench_large; bench_conns; bench_tls; bench_accounting; bench_store; bench_mptcp; bench_cold; bench_runtime; bench_answers; bench_redis ;;
-  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|cold|versus|runtime|answers|redis|all" >&2; exit 2 ;;
+  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|cold|versus|runtime|answers|redis|metrics|instructions|all" >&2; exit 2 ;;
 esac

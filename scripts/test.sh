@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs roam's whole test suite, first installing the real tools the tests drive (curl, wget,
-# wget2, aria2c, lftp, axel, httpie, python3, nginx, ip, prlimit, setpriv, mkfifo, openssl, and
-# redis-server with redis-cli, which the fleet tests start on free ports of their own), then
-# fuzzes the request parser and router and the TLS layer for a minute (scripts/fuzz.sh installs
-# cargo-fuzz). Tests that need a tool fail under CI=true when it is missing, so this script is
-# what makes a fresh machine able to pass.
+# wget2, aria2c, lftp, axel, httpie, python3, nginx, ip, prlimit, setpriv, mkfifo, openssl,
+# logrotate, systemd-analyze, and redis-server with redis-cli, which the fleet tests start on free
+# ports of their own), then fuzzes the request parser and router and the TLS layer for a minute
+# (scripts/fuzz.sh installs cargo-fuzz). Tests that need a tool fail under CI=true when it is
+# missing, so this script is what makes a fresh machine able to pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +25,8 @@ command -v mkfifo >/dev/null || missing+=(coreutils)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v logrotate >/dev/null || [ -x /usr/sbin/logrotate ] || missing+=(logrotate)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   sudo=""

@@ -22,6 +22,8 @@
 //!   table, the storage seam and write-behind layer for backends, claims.
 //! - [`service`]: the shared state a connection reaches through methods; [`settings`]: the
 //!   command line and the validated configuration.
+//! - [`ops`]: what an operator sees: metrics, the admin listener (`/metrics`, `/healthz`,
+//!   `/readyz`), the access log, the SIGHUP reload broadcast, systemd notification.
 //! - [`sys`]: the only `unsafe`: TCP_INFO, SIOCOUTQ, sendfile, openat2; [`throttle`]: log
 //!   throttling.
 //!
@@ -34,6 +36,7 @@ pub mod conn;
 pub mod files;
 pub mod http;
 pub mod id;
+pub mod ops;
 pub mod respond;
 pub mod server;
 pub mod service;

@@ -3,6 +3,9 @@
 
 use anyhow::Context;
 use clap::Parser;
+use roam::ops::access_log::AccessLog;
+use roam::ops::notify;
+use roam::ops::Ops;
 use roam::service::Service;
 use roam::session::clock::SessionClock;
 use roam::session::disk::{self, DiskBackend};
@@ -45,9 +48,129 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
     let prepared = prepare_sessions(&mut config)?;
-    match mode {
-        RuntimeMode::MultiThread => serve_multi_thread(config, prepared, workers),
-        RuntimeMode::PerCore => serve_per_core(config, prepared, workers),
+    let metrics = prepared.sessions.metrics().clone();
+    let ops = Ops {
+        access_log: AccessLog::open(
+            &config.access_log,
+            config.log_format,
+            metrics.access_log_dropped(),
+        )?,
+        ..Ops::new(metrics)
+    };
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            // Plain TCP: scrapers and probes on a management network gain nothing from MPTCP.
+            roam::server::bind_std(addr, ADMIN_BACKLOG, false, false)
+                .with_context(|| format!("cannot listen on --admin-listen {addr}"))?
+                .0,
+        ),
+        None => None,
+    };
+    let svc = Service::with_ops(config, prepared.sessions.clone(), ops)?;
+    let ops_thread = OpsThread::start(&svc, admin)?;
+    let result = match mode {
+        RuntimeMode::MultiThread => serve_multi_thread(svc, &ops_thread, prepared, workers),
+        RuntimeMode::PerCore => serve_per_core(svc.clone(), &ops_thread, prepared, workers),
+    };
+    ops_thread.stop();
+    result
+}
+
+/// The admin listener's backlog: scrapers and probes, not clients.
+const ADMIN_BACKLOG: u32 = 128;
+
+/// A thread of its own for what operators reach: the admin listener (answered even while the
+/// workers are saturated or draining) and the SIGHUP reload broadcast. Started before the
+/// listeners are announced, so a SIGHUP from then on reloads instead of killing the process.
+struct OpsThread {
+    admin: Option<SocketAddr>,
+    stop: CancellationToken,
+    thread: std::thread::JoinHandle<()>,
+    svc: Arc<Service>,
+}
+
+impl OpsThread {
+    fn start(svc: &Arc<Service>, admin: Option<std::net::TcpListener>) -> anyhow::Result<Self> {
+        let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
+        let stop = CancellationToken::new();
+        let (started_tx, started) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        let (svc2, stop2) = (Arc::clone(svc), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("roam-ops".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e).context("cannot start the ops runtime"));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let reload = svc2.ops().reload.clone();
+                    let mut hangup = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::hangup(),
+                    ) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = started_tx.send(Err(e).context("cannot listen for SIGHUP"));
+                            return;
+                        }
+                    };
+                    // One SIGHUP path for everything that reloads.
+                    let log = svc2.ops().access_log.clone();
+                    reload.on_reload(move || log.reopen());
+                    let tls_svc = Arc::clone(&svc2);
+                    reload.on_reload(move || reload_tls(&tls_svc));
+                    let admin = match admin.map(tokio::net::TcpListener::from_std).transpose() {
+                        Ok(a) => a,
+                        Err(e) => {
+                            let _ = started_tx.send(Err(e).context("cannot serve --admin-listen"));
+                            return;
+                        }
+                    };
+                    if let Some(listener) = admin {
+                        tokio::spawn(roam::ops::admin::run(
+                            listener,
+                            Arc::clone(&svc2),
+                            stop2.clone(),
+                        ));
+                    }
+                    let _ = started_tx.send(Ok(()));
+                    loop {
+                        tokio::select! {
+                            Some(()) = hangup.recv() => {
+                                tracing::info!("SIGHUP: reloading");
+                                reload.fire();
+                            }
+                            () = stop2.cancelled() => break,
+                        }
+                    }
+                    // Let the admin listener close its connections.
+                    tokio::task::yield_now().await;
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .context("cannot start the ops thread")?;
+        started
+            .recv()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the ops thread stopped at start")))?;
+        Ok(OpsThread {
+            admin: admin_addr,
+            stop,
+            thread,
+            svc: Arc::clone(svc),
+        })
+    }
+
+    /// After the server stopped: writes the rest of the access log, then closes the admin
+    /// listener (it answered `/readyz` with 503 throughout the drain).
+    fn stop(self) {
+        self.svc.ops().access_log.close();
+        self.stop.cancel();
+        let _ = self.thread.join();
     }
 }
 
@@ -174,6 +297,7 @@ impl Prepared {
                 () = shutdown_signal() => {}
                 () = fatal.cancelled() => {}
             }
+            notify::tell(notify::STOPPING);
         }
     }
 
@@ -187,20 +311,36 @@ impl Prepared {
 }
 
 /// One work-stealing runtime with `workers` threads and one listener.
-fn serve_multi_thread(config: Config, prepared: Prepared, workers: usize) -> anyhow::Result<()> {
+fn serve_multi_thread(
+    svc: Arc<Service>,
+    ops: &OpsThread,
+    prepared: Prepared,
+    workers: usize,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let (listen, backlog, mptcp) = (
+        svc.config().listen,
+        svc.config().backlog,
+        svc.config().mptcp,
+    );
+    let admin = ops.admin;
     let result = runtime.block_on(async move {
-        let (listener, protocol) = roam::server::bind(config.listen, config.backlog, config.mptcp)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let (listener, protocol) = roam::server::bind(listen, backlog, mptcp)
+            .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
-        let svc = Service::with_sessions(config, prepared.sessions.clone())?;
-        announce(addr, &svc, workers, RuntimeMode::MultiThread, &protocol)?;
+        announce(
+            addr,
+            admin,
+            &svc,
+            workers,
+            RuntimeMode::MultiThread,
+            &protocol,
+        )?;
         prepared.watch_store(&svc);
-        reload_on_hangup(&svc);
         roam::server::run(listener, svc, prepared.shutdown()).await;
         tracing::info!("stopped");
         prepared.outcome()
@@ -214,23 +354,34 @@ fn serve_multi_thread(config: Config, prepared: Prepared, workers: usize) -> any
 /// One single-threaded runtime per worker, each with its own `SO_REUSEPORT` listener on the same
 /// address, sharing one service. No work stealing: each connection stays on the thread that
 /// accepted it.
-fn serve_per_core(config: Config, prepared: Prepared, workers: usize) -> anyhow::Result<()> {
-    let (first, protocol) =
-        roam::server::bind_std(config.listen, config.backlog, true, config.mptcp)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+fn serve_per_core(
+    svc: Arc<Service>,
+    ops: &OpsThread,
+    prepared: Prepared,
+    workers: usize,
+) -> anyhow::Result<()> {
+    let (listen, backlog) = (svc.config().listen, svc.config().backlog);
+    let (first, protocol) = roam::server::bind_std(listen, backlog, true, svc.config().mptcp)
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = first.local_addr()?;
     // Every worker's listener is of the first one's kind (SO_REUSEPORT groups one protocol).
     let mptcp = matches!(protocol, roam::server::ListenProtocol::Mptcp);
     let mut listeners = vec![first];
     for _ in 1..workers {
         listeners.push(
-            roam::server::bind_std(addr, config.backlog, true, mptcp)
+            roam::server::bind_std(addr, backlog, true, mptcp)
                 .with_context(|| format!("cannot add a listener on {addr}"))?
                 .0,
         );
     }
-    let svc = Service::with_sessions(config, prepared.sessions.clone())?;
-    announce(addr, &svc, workers, RuntimeMode::PerCore, &protocol)?;
+    announce(
+        addr,
+        ops.admin,
+        &svc,
+        workers,
+        RuntimeMode::PerCore,
+        &protocol,
+    )?;
     let prepared = Arc::new(prepared);
     let share = svc.config().max_connections.div_ceil(workers).max(1);
     let stop = CancellationToken::new();
@@ -252,7 +403,6 @@ fn serve_per_core(config: Config, prepared: Prepared, workers: usize) -> anyhow:
                         let listener = tokio::net::TcpListener::from_std(listener)?;
                         if i == 0 {
                             prepared.watch_store(&svc);
-                            reload_on_hangup(&svc);
                             let stop = stop.clone();
                             let shutdown = prepared.shutdown();
                             tokio::spawn(async move {
@@ -288,9 +438,11 @@ fn serve_per_core(config: Config, prepared: Prepared, workers: usize) -> anyhow:
     result.and(prepared.outcome())
 }
 
-/// Prints the one line scripts wait for, and logs the effective configuration.
+/// Prints the line scripts wait for (and a second one for the admin listener), tells the
+/// service manager the server is ready, and logs the effective configuration.
 fn announce(
     addr: SocketAddr,
+    admin: Option<SocketAddr>,
     svc: &Service,
     workers: usize,
     mode: RuntimeMode,
@@ -298,7 +450,11 @@ fn announce(
 ) -> anyhow::Result<()> {
     let scheme = if svc.tls().is_some() { "https" } else { "http" };
     println!("roam listening on {scheme}://{addr}");
+    if let Some(admin) = admin {
+        println!("roam admin listening on http://{admin}");
+    }
     std::io::stdout().flush()?;
+    notify::tell(notify::READY);
     match protocol {
         roam::server::ListenProtocol::Mptcp => {
             tracing::info!("accepting Multipath TCP, and TCP from clients that do not use it");
@@ -336,6 +492,8 @@ fn announce(
         redis_wait = ?cfg.redis_wait,
         state_dir = %cfg.state_dir.display(),
         flush_interval = ?cfg.flush_interval,
+        admin_listen = ?admin,
+        access_log = ?cfg.access_log,
         "serving"
     );
     if let Some(tls) = svc.tls() {
@@ -399,38 +557,21 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// SIGHUP reloads the TLS certificate and key: new handshakes use the new pair; a pair that
-/// cannot be used leaves the old one in place.
-fn reload_on_hangup(svc: &Arc<Service>) {
-    #[cfg(unix)]
-    {
-        let svc = Arc::clone(svc);
-        let mut hangups =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP");
-                    return;
-                }
-            };
-        tokio::spawn(async move {
-            while hangups.recv().await.is_some() {
-                let Some(tls) = svc.tls() else {
-                    tracing::info!("SIGHUP: nothing to reload");
-                    continue;
-                };
-                match tls.reload() {
-                    Ok(()) => tracing::info!(
-                        cert = %tls.files().cert.display(),
-                        "SIGHUP: TLS certificate reloaded; new connections use it"
-                    ),
-                    Err(e) => tracing::error!(
-                        error = %e,
-                        "SIGHUP: the new TLS certificate cannot be used; keeping the current one"
-                    ),
-                }
-            }
-        });
+/// On a reload (SIGHUP): the TLS certificate and key are read again; new handshakes use the
+/// new pair; a pair that cannot be used leaves the old one in place.
+fn reload_tls(svc: &Service) {
+    let Some(tls) = svc.tls() else {
+        return;
+    };
+    match tls.reload() {
+        Ok(()) => tracing::info!(
+            cert = %tls.files().cert.display(),
+            "SIGHUP: TLS certificate reloaded; new connections use it"
+        ),
+        Err(e) => tracing::error!(
+            error = %e,
+            "SIGHUP: the new TLS certificate cannot be used; keeping the current one"
+        ),
     }
 }
 

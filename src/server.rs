@@ -99,6 +99,8 @@ pub async fn run_listener(
         }
     }
     drop(listener);
+    // A balancer polling /readyz stops sending new clients from here on.
+    svc.ops().health.drain();
     tracing::info!(
         connections = max_connections - permits.available_permits(),
         "shutting down: no longer accepting"

@@ -6,6 +6,9 @@ use crate::files::{Digests, FileTable, OpenError, OpenFile, Root};
 use crate::http::target::RelPath;
 use crate::id::limit::MintLimiter;
 use crate::id::IdAuthority;
+use crate::ops::health::Readiness;
+use crate::ops::metrics::Metrics;
+use crate::ops::Ops;
 use crate::session::clock::SessionClock;
 use crate::session::{FileKey, SessionKey, Sessions, Store};
 use crate::settings::Config;
@@ -30,6 +33,7 @@ pub struct Service {
     connection_ids: AtomicU64,
     /// Present when the listener speaks HTTPS.
     tls: Option<Tls>,
+    ops: Ops,
 }
 
 impl Service {
@@ -43,8 +47,15 @@ impl Service {
         Self::with_sessions(config, Sessions::new(store))
     }
 
-    /// A service over any session store stack.
+    /// A service over any session store stack, with metrics and no access log.
     pub fn with_sessions(config: Config, sessions: Sessions) -> io::Result<Arc<Service>> {
+        let ops = Ops::new(sessions.metrics().clone());
+        Self::with_ops(config, sessions, ops)
+    }
+
+    /// A service over any session store stack, with `ops` (whose metrics should be the ones
+    /// `sessions` counts into).
+    pub fn with_ops(config: Config, sessions: Sessions, ops: Ops) -> io::Result<Arc<Service>> {
         let root = Root::open(&config.root).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -79,6 +90,7 @@ impl Service {
             mint_limiter,
             connection_ids: AtomicU64::new(0),
             tls,
+            ops,
         }))
     }
 
@@ -132,6 +144,27 @@ impl Service {
     pub fn session_key(&self, id: &str, rel: &Path) -> Option<SessionKey> {
         let client = self.ids.verify(id).ok()?;
         Some(SessionKey::new(client, FileKey::of_path(rel)))
+    }
+
+    /// Metrics, the access log, the reload broadcast, health.
+    pub fn ops(&self) -> &Ops {
+        &self.ops
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.ops.metrics
+    }
+
+    /// What `/readyz` answers: draining after a shutdown signal, or a store that cannot be
+    /// reached, make the server unready.
+    pub fn readiness(&self) -> Readiness {
+        if self.ops.health.draining() {
+            return Readiness::Draining;
+        }
+        match self.sessions.store().health() {
+            Ok(()) => Readiness::Ready,
+            Err(e) => Readiness::StoreUnavailable(e.0),
+        }
     }
 
     /// A fresh connection number.

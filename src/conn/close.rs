@@ -69,10 +69,13 @@ impl Connection {
         let Connection {
             stream,
             mut deliveries,
+            svc,
             ..
         } = self;
         drop(stream);
-        deliveries.finish_all(ended, peer_reset);
+        deliveries.finish_all(ended, peer_reset, end.body_end(), &svc.ops().access_log);
+        let (sent, acked) = deliveries.take_counts();
+        svc.metrics().body_bytes(sent, acked);
     }
 
     /// `end`, unless the peer had already reset its side (its RST arrived while the connection
@@ -146,6 +149,20 @@ impl Connection {
         }
     }
 
+    /// True when the socket was reset, whether or not its error was already taken (a write
+    /// that failed with `EPIPE` took it): nothing more will be acknowledged. Without this, a
+    /// client that reset mid-body held its connection for the whole write-stall timeout.
+    fn reset_seen(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            sys::peer_ended(self.fd) == Some(sys::PeerEnd::Reset)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            false
+        }
+    }
+
     /// True when the peer has acknowledged every byte we wrote (or we cannot tell).
     fn all_delivered(&mut self) -> bool {
         match self.ack_counter() {
@@ -180,8 +197,10 @@ impl Connection {
                 Ok(Some(_)) => return Lingered::PeerReset,
                 _ => {}
             }
-            let awaiting_acks =
-                self.deliveries.pending() && now < ack_deadline && !self.all_delivered();
+            let awaiting_acks = self.deliveries.pending()
+                && now < ack_deadline
+                && !self.all_delivered()
+                && !self.reset_seen();
             if !awaiting_acks && (peer_done || now >= read_deadline) {
                 return Lingered::Done;
             }

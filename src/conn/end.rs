@@ -2,6 +2,7 @@
 //! (in order, with an abort, or at once) and what a session's record says about how its sender
 //! ended.
 
+use crate::ops::access_log::BodyEnd;
 use crate::session::Ended;
 use std::io;
 
@@ -79,6 +80,20 @@ impl Ending {
             | Ending::PeerClosed
             | Ending::Stalled
             | Ending::NetworkFailed(_) => Ended::Network,
+        }
+    }
+
+    /// How a body this connection had not finished (every byte written and acknowledged)
+    /// ended, for the access log. An orderly end with bytes unacknowledged means the client
+    /// stopped acknowledging before the connection closed.
+    pub fn body_end(&self) -> BodyEnd {
+        match self {
+            Ending::Done | Ending::PeerClosed | Ending::PeerReset(_) => BodyEnd::ClientGone,
+            Ending::Shutdown => BodyEnd::Shutdown,
+            Ending::TakenOver => BodyEnd::TakenOver,
+            Ending::FileChanged(_) => BodyEnd::FileChanged,
+            Ending::Stalled => BodyEnd::Stalled,
+            Ending::NetworkFailed(_) => BodyEnd::NetworkFailed,
         }
     }
 

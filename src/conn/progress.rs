@@ -9,6 +9,7 @@
 //! send queue, packets in flight and the peer's receive window sit between, and a client that
 //! vanished mid-download would otherwise be resumed past a gap.
 
+use crate::ops::access_log::{AccessLog, AccessRecord, BodyEnd};
 use crate::session::{Claim, Delivered, Ended, Epoch, SessionKey};
 use crate::sys::AckCounter;
 use std::collections::VecDeque;
@@ -84,29 +85,37 @@ impl Ledger {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BodyId(u64);
 
-/// A body whose delivery is not yet fully confirmed, and the claim its progress goes to.
+/// A body whose delivery is not yet fully confirmed, the claim its progress goes to (for a
+/// body that advances a session), and its access log line.
 #[derive(Debug)]
 struct Tracked {
     id: BodyId,
-    claim: Claim,
+    claim: Option<Claim>,
     span: BodySpan,
     /// The response's full body length: the body is done when this much is confirmed.
     len: u64,
+    /// Body bytes confirmed at the last settle.
+    confirmed: u64,
+    log: Option<Box<AccessRecord>>,
 }
 
 /// Bodies wholly acknowledged that a later reset by the peer would take back: at most this many,
 /// the newest (a client's unread bytes are the last ones it was sent).
 const DELIVERED_KEPT: usize = 64;
 
-/// Everything a connection wrote, and its tracked bodies until each is confirmed.
+/// Everything a connection wrote, and its bodies until each is confirmed.
 #[derive(Debug)]
 pub struct Deliveries {
     ledger: Ledger,
     bodies: Vec<Tracked>,
+    /// Bodies in `bodies` with a claim.
+    claimed: usize,
     next_id: u64,
     /// The newest bodies wholly acknowledged on this connection: if the peer resets it, their
     /// bytes may have died unread in its socket buffer.
     delivered: VecDeque<Delivered>,
+    /// Body bytes written, and body bytes confirmed, since [`Deliveries::take_counts`].
+    unreported: (u64, u64),
 }
 
 impl Deliveries {
@@ -114,8 +123,10 @@ impl Deliveries {
         Deliveries {
             ledger: Ledger::new(at_accept),
             bodies: Vec::new(),
+            claimed: 0,
             next_id: 0,
             delivered: VecDeque::new(),
+            unreported: (0, 0),
         }
     }
 
@@ -125,10 +136,18 @@ impl Deliveries {
     }
 
     /// Registers a body of `len` bytes whose first byte will be at `stream_start` in the
-    /// connection's stream; returns the handle its writes carry.
-    pub fn track(&mut self, claim: Claim, len: u64, stream_start: u64) -> BodyId {
+    /// connection's stream, with the claim its progress advances (if any) and its access log
+    /// record (if the log is on); returns the handle its writes carry.
+    pub fn track(
+        &mut self,
+        claim: Option<Claim>,
+        len: u64,
+        stream_start: u64,
+        log: Option<Box<AccessRecord>>,
+    ) -> BodyId {
         let id = BodyId(self.next_id);
         self.next_id += 1;
+        self.claimed += usize::from(claim.is_some());
         self.bodies.push(Tracked {
             id,
             claim,
@@ -137,6 +156,8 @@ impl Deliveries {
                 written: 0,
             },
             len,
+            confirmed: 0,
+            log,
         });
         id
     }
@@ -148,13 +169,26 @@ impl Deliveries {
         if let Some(id) = body {
             let written = self.ledger.written();
             if let Some(t) = self.bodies.iter_mut().find(|t| t.id == id) {
+                let before = t.span.written;
                 t.span.written = written.saturating_sub(t.span.stream_start).min(t.len);
+                self.unreported.0 += t.span.written - before;
+                if t.span.written == t.len {
+                    if let Some(log) = &mut t.log {
+                        log.written_whole();
+                    }
+                }
             }
         }
     }
 
-    /// True when some body is not yet fully confirmed.
+    /// True when a body that advances a session is not yet fully confirmed.
     pub fn pending(&self) -> bool {
+        self.claimed > 0
+    }
+
+    /// True when any body is not yet fully confirmed (its acknowledged bytes are still being
+    /// counted).
+    pub fn unsettled(&self) -> bool {
         !self.bodies.is_empty()
     }
 
@@ -163,19 +197,28 @@ impl Deliveries {
         self.bodies.len()
     }
 
+    /// Body bytes written and confirmed since the last call (for the metrics, which are fed
+    /// at settle points rather than per write).
+    pub fn take_counts(&mut self) -> (u64, u64) {
+        std::mem::take(&mut self.unreported)
+    }
+
     /// The epoch and end (file offset) of the last body this connection sent for `key` that is
     /// not yet wholly confirmed.
     pub fn written_end(&self, key: SessionKey) -> Option<(Epoch, u64)> {
         self.bodies
             .iter()
             .rev()
-            .find(|t| t.claim.key() == key)
-            .map(|t| (t.claim.epoch(), t.claim.start() + t.len))
+            .filter_map(|t| Some((t.claim.as_ref()?, t.len)))
+            .find(|(c, _)| c.key() == key)
+            .map(|(c, len)| (c.epoch(), c.start() + len))
     }
 
     /// True when a pending body belongs to client `nonce`.
     pub fn pending_for(&self, nonce: u64) -> bool {
-        self.bodies.iter().any(|t| t.claim.key().client == nonce)
+        self.bodies
+            .iter()
+            .any(|t| t.claim.as_ref().is_some_and(|c| c.key().client == nonce))
     }
 
     /// Bytes of the stream the peer has acknowledged according to `counter`.
@@ -184,31 +227,50 @@ impl Deliveries {
     }
 
     /// Records every pending body's confirmed offset given the kernel's `counter`, and
-    /// finishes (cleanly) the bodies that are wholly confirmed.
-    pub fn settle(&mut self, counter: AckCounter) {
+    /// finishes (cleanly) the bodies that are wholly confirmed, handing their lines to `log`.
+    pub fn settle(&mut self, counter: AckCounter, log: &AccessLog) {
         let delivered = self.ledger.delivered(counter);
         let mut i = 0;
         while i < self.bodies.len() {
-            let t = &self.bodies[i];
-            let confirmed = t.span.confirmed(delivered);
-            t.claim.record(t.claim.start() + confirmed);
+            let t = &mut self.bodies[i];
+            let confirmed = t.span.confirmed(delivered).max(t.confirmed);
+            self.unreported.1 += confirmed - t.confirmed;
+            t.confirmed = confirmed;
+            if let Some(claim) = &t.claim {
+                claim.record(claim.start() + confirmed);
+            }
             if confirmed >= t.len {
-                if self.delivered.len() == DELIVERED_KEPT {
-                    self.delivered.pop_front();
+                let t = self.bodies.remove(i);
+                if let Some(mut line) = t.log {
+                    line.end(BodyEnd::Complete, t.span.written, confirmed);
+                    log.write(line);
                 }
-                self.delivered
-                    .push_back(self.bodies.remove(i).claim.delivered());
+                if let Some(claim) = t.claim {
+                    self.claimed -= 1;
+                    if self.delivered.len() == DELIVERED_KEPT {
+                        self.delivered.pop_front();
+                    }
+                    self.delivered.push_back(claim.delivered());
+                }
             } else {
                 i += 1;
             }
         }
     }
 
-    /// Finishes every body still pending, recording how its sender ended; if the peer reset
-    /// the connection, the bodies it acknowledged whole are no longer cleanly finished either.
-    pub fn finish_all(&mut self, ended: Ended, peer_reset: bool) {
+    /// Finishes every body still pending, recording how its sender ended (`ended` for the
+    /// session, `how` for the access log); if the peer reset the connection, the bodies it
+    /// acknowledged whole are no longer cleanly finished either.
+    pub fn finish_all(&mut self, ended: Ended, peer_reset: bool, how: BodyEnd, log: &AccessLog) {
+        self.claimed = 0;
         for t in self.bodies.drain(..) {
-            t.claim.finish(ended);
+            if let Some(mut line) = t.log {
+                line.end(how, t.span.written, t.confirmed);
+                log.write(line);
+            }
+            if let Some(claim) = t.claim {
+                claim.finish(ended);
+            }
         }
         let delivered = std::mem::take(&mut self.delivered);
         if peer_reset {

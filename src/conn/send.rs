@@ -6,6 +6,7 @@ use super::end::Ending;
 use super::progress::BodyId;
 use super::Connection;
 use crate::files::Source;
+use crate::ops::access_log::{AccessRecord, BodyEnd};
 use crate::respond::{Body, Response};
 use crate::sys;
 use bytes::BytesMut;
@@ -54,18 +55,53 @@ impl From<Ending> for SendfileEnd {
 }
 
 impl Connection {
-    /// Writes a response. HEAD responses arrive with an empty body already.
+    /// Writes a response whose request's head was read at `received`. HEAD responses arrive
+    /// with an empty body already. `line`: the access log record, handed to the body's
+    /// accounting (written when it ends) or, for a response without body, written here.
     pub(super) async fn send(
         &mut self,
         resp: Response,
         close: bool,
         http10: bool,
+        received: std::time::Instant,
+        mut line: Option<Box<AccessRecord>>,
     ) -> Result<(), Ending> {
         // Taken over while deciding: send nothing. (At shutdown a decided answer still goes out.)
         if self.handle.taken_over() {
             return Err(Ending::TakenOver);
         }
-        let Response { head, body, claim } = resp;
+        let status = resp.head.status();
+        self.svc.metrics().response(status);
+        if let Some(l) = &mut line {
+            l.status = status.code();
+            l.body_start = resp.body_start;
+        }
+        let result = self.send_response(resp, close, http10, &mut line).await;
+        if result.is_ok() {
+            self.svc.metrics().request_done(received.elapsed());
+        }
+        if let Some(mut l) = line {
+            // Not taken by a body: nothing of a body was sent.
+            let ended = match &result {
+                Ok(()) => BodyEnd::Complete,
+                Err(end) => end.body_end(),
+            };
+            l.end(ended, 0, 0);
+            self.svc.ops().access_log.write(l);
+        }
+        result
+    }
+
+    async fn send_response(
+        &mut self,
+        resp: Response,
+        close: bool,
+        http10: bool,
+        line: &mut Option<Box<AccessRecord>>,
+    ) -> Result<(), Ending> {
+        let Response {
+            head, body, claim, ..
+        } = resp;
         let head = head.finish(close, http10);
         match body {
             Body::Empty => self.write(&head, false, None).await,
@@ -73,21 +109,22 @@ impl Connection {
                 let mut both = BytesMut::with_capacity(head.len() + bytes.len());
                 both.extend_from_slice(&head);
                 both.extend_from_slice(&bytes);
-                let body = claim.map(|c| {
-                    let start = self.deliveries.written() + head.len() as u64;
-                    self.deliveries.track(c, bytes.len() as u64, start)
-                });
-                self.write(&both, false, body).await
+                let start = self.deliveries.written() + head.len() as u64;
+                let body = self
+                    .deliveries
+                    .track(claim, bytes.len() as u64, start, line.take());
+                self.write(&both, false, Some(body)).await
             }
             Body::File { source, range } => {
                 if range.len() > LOWAT_FROM {
                     self.bound_unsent();
                 }
                 self.write(&head, true, None).await?;
-                let body = claim.map(|c| {
-                    let start = self.deliveries.written();
-                    self.deliveries.track(c, range.len(), start)
-                });
+                let start = self.deliveries.written();
+                let body = Some(
+                    self.deliveries
+                        .track(claim, range.len(), start, line.take()),
+                );
                 // All but the tail from the file; the tail is read into memory, then the file
                 // is checked, then the tail is written: the last byte never leaves unless
                 // every byte before it came from the version the head describes.
@@ -100,18 +137,25 @@ impl Connection {
             }
             Body::Multipart { source, parts, end } => {
                 self.write(&head, true, None).await?;
+                let len = parts
+                    .iter()
+                    .map(|(prefix, range)| prefix.len() as u64 + range.len())
+                    .sum::<u64>()
+                    + end.len() as u64;
+                let start = self.deliveries.written();
+                let body = Some(self.deliveries.track(claim, len, start, line.take()));
                 for (prefix, range) in parts {
                     // Parts may be shorter than a progress interval: check for an in-place
                     // rewrite before each one.
                     self.between_chunks(&source, true)?;
-                    self.write(&prefix, true, None).await?;
-                    self.send_file(&source, range.start, range.end, None)
+                    self.write(&prefix, true, body).await?;
+                    self.send_file(&source, range.start, range.end, body)
                         .await?;
                 }
                 // The closing delimiter is the body's end: it goes out only if every part
                 // came from the version the head describes.
                 self.final_check(&source)?;
-                self.write(&end, false, None).await
+                self.write(&end, false, body).await
             }
         }
     }
@@ -160,7 +204,7 @@ impl Connection {
                 _ = tokio::time::sleep_until(stall_deadline) => {
                     return Err(Ending::Stalled);
                 }
-                _ = tokio::time::sleep(BLOCKED_SETTLE), if self.deliveries.pending() => self.settle(),
+                _ = tokio::time::sleep(BLOCKED_SETTLE), if self.deliveries.unsettled() => self.settle(),
             }
         }
     }

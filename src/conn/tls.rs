@@ -6,6 +6,7 @@
 use super::end::Ending;
 use super::progress::BodyId;
 use super::{Connection, Received};
+use crate::ops::metrics::TlsHandshake;
 use crate::sys::AckCounter;
 use crate::tls::conn::{Input, TlsLayer};
 use std::io::{self, Read};
@@ -49,12 +50,23 @@ impl Connection {
         let Some(tls) = svc.tls() else {
             return Ok(());
         };
+        let handshakes = svc.metrics().tls();
         let session = tls.accept().map_err(|e| {
             tracing::warn!(error = %e, "cannot start a TLS session");
+            handshakes.handshake(TlsHandshake::Failed);
             Ending::NetworkFailed(io::Error::other(e))
         })?;
         self.tls = Some(Box::new(TlsLayer::new(session, at_accept)));
-        self.handshake(deadline).await
+        let result = self.handshake(deadline).await;
+        // Counted once a ClientHello's first byte arrived; a handshake stopped by a shutdown or
+        // a takeover is neither a success nor the client's failure.
+        match &result {
+            Ok(()) => handshakes.handshake(TlsHandshake::Ok),
+            Err(Ending::Shutdown | Ending::TakenOver) => {}
+            Err(_) if Instant::now() >= deadline => handshakes.handshake(TlsHandshake::TimedOut),
+            Err(_) => handshakes.handshake(TlsHandshake::Failed),
+        }
+        result
     }
 
     /// Waits for the client's first byte without consuming it.

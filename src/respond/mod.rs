@@ -11,6 +11,7 @@ use crate::http::request::{Method, Request};
 use crate::http::response::Status;
 use crate::http::target::{self, RelPath, Route, TargetError};
 use crate::id::IdError;
+use crate::ops::metrics::ResumeHow;
 use crate::service::Service;
 use crate::session::{ConnectionHandle, Epoch, Position, Resume, SessionError, SessionKey};
 
@@ -205,6 +206,9 @@ async fn resumed(
     let status = if offset == 0 {
         Status::Ok
     } else {
+        if !head_only {
+            svc.metrics().resume(ResumeHow::Implicit);
+        }
         Status::PartialContent
     };
     let range = ByteRange {
@@ -241,5 +245,8 @@ async fn declared(
         .sessions()
         .declare(key, file.session_version(), range.start, conn)
         .await?;
+    if range.start > 0 {
+        svc.metrics().resume(ResumeHow::Declared);
+    }
     Ok(slice(&file, range, status, false, Some(claim)))
 }

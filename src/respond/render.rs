@@ -17,6 +17,8 @@ pub struct Response {
     pub body: Body,
     /// Present when the body advances a session: the claim its progress is recorded on.
     pub claim: Option<Claim>,
+    /// The file offset of the body's first byte, for a body that is one slice of a file.
+    pub body_start: Option<u64>,
 }
 
 /// What follows the head. HEAD requests always get `Empty` with GET's `Content-Length`.
@@ -38,6 +40,9 @@ pub enum Body {
 
 pub(super) fn mint(svc: &Service, head_only: bool) -> Response {
     let id = Bytes::from(svc.ids().mint().to_string());
+    if !head_only {
+        svc.metrics().id_minted();
+    }
     let mut head = Head::new(Status::Ok);
     head.field("Content-Type", "text/plain; charset=utf-8")
         .field("Content-Length", id.len())
@@ -51,6 +56,7 @@ pub(super) fn mint(svc: &Service, head_only: bool) -> Response {
             Body::Bytes(id)
         },
         claim: None,
+        body_start: None,
     }
 }
 
@@ -96,7 +102,12 @@ pub(super) fn slice(
             range,
         }
     };
-    Response { head, body, claim }
+    Response {
+        head,
+        body,
+        claim,
+        body_start: Some(range.start),
+    }
 }
 
 pub(super) fn whole_untracked(file: &OpenFile, head_only: bool) -> Response {
@@ -129,6 +140,7 @@ pub(super) fn bodiless(status: Status, file: &OpenFile) -> Response {
         head,
         body: Body::Empty,
         claim: None,
+        body_start: None,
     }
 }
 
@@ -170,6 +182,7 @@ pub(super) fn multipart(file: &OpenFile, ranges: &[ByteRange], head_only: bool) 
         head,
         body,
         claim: None,
+        body_start: None,
     }
 }
 
@@ -210,5 +223,6 @@ pub fn error_response(err: &RequestError, head_only: bool) -> Response {
             Body::Bytes(body)
         },
         claim: None,
+        body_start: None,
     }
 }

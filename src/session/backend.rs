@@ -166,6 +166,12 @@ pub trait Backend: Send + Sync + Debug + 'static {
         true
     }
 
+    /// `Ok` while the backend can be reached (for `/readyz`); the error says why not (a disk
+    /// store still opening or failed, a shared store whose connection is down). Cheap: no I/O.
+    fn health(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// True when no record is held.
     fn is_empty(&self) -> bool {
         self.len() == 0

@@ -812,6 +812,12 @@ impl Backend for DiskBackend {
         Box::pin(self.shut())
     }
 
+    /// Ready once opened; not while opening, after a failed open, or while a failed write
+    /// left the engine waiting to be reopened.
+    fn health(&self) -> Result<(), StoreError> {
+        self.db().map(|_| ())
+    }
+
     /// fjall's count is kept without reading: it includes replaced and deleted records until
     /// they are compacted away. Counting exactly would read all 10 million.
     fn len_is_exact(&self) -> bool {

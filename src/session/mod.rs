@@ -38,6 +38,7 @@ pub use self::store::Store;
 pub use self::table::Full;
 
 use self::backend::{Resumed, StopRequest};
+use crate::ops::metrics::{Metrics, TakeoverScope};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -99,16 +100,30 @@ pub struct Sessions {
 struct Inner {
     store: Store,
     owners: Arc<Owners>,
+    metrics: Metrics,
 }
 
 impl Sessions {
+    /// Sessions over `store`, counting into a registry of their own.
     pub fn new(store: Store) -> Sessions {
+        Self::with_metrics(store, Metrics::new())
+    }
+
+    /// Sessions over `store`, counting takeovers and store batches into `metrics`.
+    pub fn with_metrics(mut store: Store, metrics: Metrics) -> Sessions {
+        store.observe(metrics.store());
         Sessions {
             inner: Arc::new(Inner {
                 store,
-                owners: Arc::new(Owners::default()),
+                owners: Arc::new(Owners::counting(metrics.takeovers(TakeoverScope::Local))),
+                metrics,
             }),
         }
+    }
+
+    /// The metrics this server counts into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The store stack (the sweeper, the write-behind task and tests reach it).
@@ -197,6 +212,7 @@ impl Sessions {
                     }
                     Ok(Resumed::Finished) => return Ok(Resume::Finished { length }),
                     Ok(Resumed::Held { holder, epoch }) => {
+                        self.inner.metrics.takeovers(TakeoverScope::Remote).inc();
                         owners::stop_remote(shared, key, &holder, epoch, conn).await?;
                         expect = Some(epoch);
                     }

@@ -16,6 +16,8 @@
 use super::backend::SharedStore;
 use super::key::{Ended, Epoch, SessionKey};
 use dashmap::DashMap;
+use prometheus_client::metrics::counter::Counter;
+use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +80,8 @@ struct Slot {
 pub struct Owners {
     slots: DashMap<SessionKey, Slot>,
     serials: AtomicU64,
+    /// `roam_takeovers_total{scope="local"}`: senders stopped by a takeover.
+    takeovers: Counter,
 }
 
 /// A newer request took the session while this one waited: it must begin nothing (its
@@ -118,6 +122,14 @@ impl Drop for Sender {
 }
 
 impl Owners {
+    /// A registry counting the senders it stops in `takeovers`.
+    pub fn counting(takeovers: Counter) -> Owners {
+        Owners {
+            takeovers,
+            ..Owners::default()
+        }
+    }
+
     fn serial(&self) -> u64 {
         self.serials.fetch_add(1, Ordering::Relaxed)
     }
@@ -147,6 +159,7 @@ impl Owners {
             slot.sender.clone()
         };
         if let Some(sender) = sender.filter(|s| s.conn.id != conn.id) {
+            self.takeovers.inc();
             sender.conn.abort.cancel();
             self.wait_for_release(key, &sender, conn).await;
         }

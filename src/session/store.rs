@@ -15,6 +15,7 @@ use super::clock::Clock;
 use super::key::{Ended, Epoch, Record, SessionKey};
 use super::table::Table;
 use super::writebehind::WriteBehind;
+use crate::ops::metrics::StoreMetrics;
 use crate::throttle::LogThrottle;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,8 @@ pub struct Store {
     writer: Option<WriteBehind>,
     /// The backend as a store shared by a fleet, when it is one.
     shared: Option<Arc<dyn SharedStore>>,
+    /// Counts failed reads and expiries (the writer counts its batches).
+    metrics: StoreMetrics,
 }
 
 impl Store {
@@ -44,6 +47,7 @@ impl Store {
             table: Table::new(cap, ttl, clock, false),
             writer: None,
             shared: None,
+            metrics: StoreMetrics::default(),
         }
     }
 
@@ -59,6 +63,7 @@ impl Store {
             table: Table::new(cap, ttl, clock, true),
             writer: Some(WriteBehind::new(backend, flush_interval)),
             shared: None,
+            metrics: StoreMetrics::default(),
         }
     }
 
@@ -75,12 +80,31 @@ impl Store {
             table: Table::new(cap, ttl, clock, true),
             writer: Some(WriteBehind::new(as_backend, flush_interval)),
             shared: Some(backend),
+            metrics: StoreMetrics::default(),
         }
     }
 
     /// The store shared by a fleet, if this is one.
     pub fn shared(&self) -> Option<&Arc<dyn SharedStore>> {
         self.shared.as_ref()
+    }
+
+    /// Counts into `metrics` from now on (a server's registry).
+    pub fn observe(&mut self, metrics: StoreMetrics) {
+        if let Some(w) = &mut self.writer {
+            w.observe(metrics.clone());
+        }
+        self.metrics = metrics;
+    }
+
+    /// `Ok` while the store can be reached and written: the backend says it is up and the last
+    /// batch was committed. A memory store always is.
+    pub fn health(&self) -> Result<(), StoreError> {
+        let Some(w) = &self.writer else {
+            return Ok(());
+        };
+        w.backend().health()?;
+        w.health()
     }
 
     /// The table (tests and the sweeper look inside).
@@ -111,6 +135,7 @@ impl Store {
             Ok(Some(stored)) => Ok(Some(self.table.fill(key, stored.record, stored.touched))),
             Ok(None) => Ok(None),
             Err(e) => {
+                self.metrics.error();
                 if let Some(suppressed) = READ_FAILURES.admit() {
                     tracing::warn!(error = %e, suppressed, "cannot read a session; serving it from byte 0");
                 }
@@ -301,7 +326,10 @@ impl Store {
             w.forget_unwritten_not_in(&self.table);
             match w.backend().expire().await {
                 Ok(n) => expired = expired.max(n),
-                Err(e) => tracing::warn!(error = %e, "cannot expire stored sessions"),
+                Err(e) => {
+                    self.metrics.error();
+                    tracing::warn!(error = %e, "cannot expire stored sessions");
+                }
             }
         }
         expired

@@ -10,8 +10,9 @@
 use super::backend::{Backend, Report, StoreError};
 use super::key::{Epoch, SessionKey};
 use super::table::Table;
+use crate::ops::metrics::StoreMetrics;
 use dashmap::DashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -31,6 +32,9 @@ pub struct WriteBehind {
     failures: std::sync::atomic::AtomicU64,
     /// Shared stores: epochs begun here that the store has not taken yet.
     unwritten: DashMap<SessionKey, Epoch>,
+    /// Why the last flush failed, while `failures` > 0.
+    last_error: Mutex<Option<String>>,
+    metrics: StoreMetrics,
 }
 
 impl WriteBehind {
@@ -43,6 +47,8 @@ impl WriteBehind {
             wake: Notify::new(),
             failures: std::sync::atomic::AtomicU64::new(0),
             unwritten: DashMap::new(),
+            last_error: Mutex::new(None),
+            metrics: StoreMetrics::default(),
         }
     }
 
@@ -61,6 +67,25 @@ impl WriteBehind {
     pub fn forget_unwritten_not_in(&self, table: &Table) {
         self.unwritten
             .retain(|key, epoch| table.get(key).is_some_and(|r| r.epoch == *epoch));
+    }
+
+    /// Times batches and counts failures into `metrics`.
+    pub fn observe(&mut self, metrics: StoreMetrics) {
+        self.metrics = metrics;
+    }
+
+    /// `Ok` unless the last flush failed (then its error).
+    pub fn health(&self) -> Result<(), StoreError> {
+        if self.failing() == 0 {
+            return Ok(());
+        }
+        let why = self
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_else(|| "writing sessions fails".into());
+        Err(StoreError(why))
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -97,7 +122,10 @@ impl WriteBehind {
                 }
             })
             .collect();
-        match self.backend.commit(batch).await {
+        let started = std::time::Instant::now();
+        let committed = self.backend.commit(batch).await;
+        self.metrics.flushed(started.elapsed());
+        match committed {
             Ok(_) => {
                 if !exclusive {
                     for (key, record) in &taken {
@@ -107,6 +135,7 @@ impl WriteBehind {
                 Ok(taken.len())
             }
             Err(e) => {
+                self.metrics.error();
                 for (key, _) in taken {
                     table.redirty(key);
                 }
@@ -152,6 +181,9 @@ impl WriteBehind {
                 }
             }
             Err(e) => {
+                if let Ok(mut last) = self.last_error.lock() {
+                    *last = Some(e.0.clone());
+                }
                 if self.failures.fetch_add(1, Relaxed) == 0 {
                     tracing::warn!(
                         store = self.backend.name(),

@@ -1,7 +1,7 @@
 //! Command-line interface: clap definitions with an environment variable for every flag, and
 //! their conversion into a validated [`Config`].
 
-use super::config::{self, Accounting, Config, ConfigError, LogFormat, StoreKind};
+use super::config::{self, AccessLogTarget, Accounting, Config, ConfigError, LogFormat, StoreKind};
 use clap::{Args, Parser, Subcommand};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -120,7 +120,8 @@ pub struct ServeArgs {
     /// each with its own SO_REUSEPORT listener (see docs/benchmarks.md for the measurement).
     #[arg(long, env = "ROAM_RUNTIME", value_enum, default_value = "multi-thread")]
     pub runtime: RuntimeMode,
-    /// Log format (the level comes from RUST_LOG, default info).
+    /// Log format, of the logs and of the access log (the level comes from RUST_LOG, default
+    /// info).
     #[arg(long, env = "ROAM_LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
     /// Most connections served at once; more wait in the listen backlog.
@@ -233,6 +234,14 @@ pub struct ServeArgs {
     /// served from what this node knows; Redis then counts as unreachable until it answers.
     #[arg(long, env = "ROAM_REDIS_WAIT", value_parser = duration, default_value = "50ms")]
     pub redis_wait: Duration,
+    /// A second listener, HOST:PORT, serving only /metrics (Prometheus), /healthz and /readyz.
+    /// Off unless given: bind it to loopback or a management network (docs/SECURITY.md).
+    #[arg(long, env = "ROAM_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// One line per response: off, stderr, or a file (appended, reopened on SIGHUP); JSON with
+    /// --log-format json, logfmt otherwise.
+    #[arg(long, env = "ROAM_ACCESS_LOG", default_value = config::DEFAULT_ACCESS_LOG)]
+    pub access_log: AccessLogTarget,
 }
 
 fn mint_rate(s: &str) -> Result<(f64, u32), String> {
@@ -263,7 +272,11 @@ fn duration(s: &str) -> Result<Duration, String> {
 impl ServeArgs {
     /// Resolves the listen address, reads the secret and validates everything.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let listen = resolve(&self.listen)?;
+        let listen = resolve("--listen", &self.listen)?;
+        let admin_listen = match &self.admin_listen {
+            Some(a) => Some(resolve("--admin-listen", a)?),
+            None => None,
+        };
         let id_secret = match &self.id_secret_file {
             Some(path) => Some(std::fs::read(path).map_err(|e| {
                 ConfigError(format!(
@@ -305,16 +318,19 @@ impl ServeArgs {
             _ => None,
         };
         config.redis_wait = self.redis_wait;
+        config.admin_listen = admin_listen;
+        config.access_log = self.access_log;
+        config.log_format = self.log_format;
         config.validate()
     }
 }
 
-fn resolve(listen: &str) -> Result<SocketAddr, ConfigError> {
+fn resolve(flag: &str, listen: &str) -> Result<SocketAddr, ConfigError> {
     listen
         .to_socket_addrs()
-        .map_err(|e| ConfigError(format!("--listen {listen:?}: {e} (expected HOST:PORT)")))?
+        .map_err(|e| ConfigError(format!("{flag} {listen:?}: {e} (expected HOST:PORT)")))?
         .next()
-        .ok_or_else(|| ConfigError(format!("--listen {listen:?} resolves to no address")))
+        .ok_or_else(|| ConfigError(format!("{flag} {listen:?} resolves to no address")))
 }
 
 #[cfg(test)]
@@ -344,6 +360,9 @@ mod tests {
         assert_eq!(config.state_dir, reference.state_dir);
         assert_eq!(config.flush_interval, reference.flush_interval);
         assert_eq!(config.redis_wait, reference.redis_wait);
+        assert_eq!(config.admin_listen, reference.admin_listen);
+        assert_eq!(config.access_log, reference.access_log);
+        assert_eq!(config.log_format, reference.log_format);
     }
 
     fn serve(args: &[&str]) -> Result<Config, String> {
@@ -418,6 +437,35 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.contains("--redis-wait") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn access_log_and_admin_listener_parse() {
+        let cli = Cli::try_parse_from([
+            "roam",
+            "serve",
+            "--access-log",
+            "/var/log/roam/access.log",
+            "--admin-listen",
+            "127.0.0.1:9090",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let config = args.into_config().unwrap();
+        assert_eq!(
+            config.access_log,
+            AccessLogTarget::File("/var/log/roam/access.log".into())
+        );
+        assert_eq!(config.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let cli =
+            Cli::try_parse_from(["roam", "serve", "--admin-listen", "127.0.0.1:8080"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let err = args.into_config().unwrap_err().to_string();
+        assert!(err.contains("--admin-listen"), "{err}");
     }
 
     #[test]

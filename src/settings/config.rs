@@ -53,6 +53,12 @@ pub const DEFAULT_MPTCP: bool = true;
 /// Longest a request waits for the fleet's Redis (a begin, a read) before it is served from
 /// what this node knows; Redis then counts as unreachable until it answers a background call.
 pub const DEFAULT_REDIS_WAIT: Duration = Duration::from_millis(50);
+/// No admin listener unless one is asked for: `/metrics` tells traffic volumes and client
+/// counts, so it is exposed only where the operator chose (docs/SECURITY.md).
+pub const DEFAULT_ADMIN_LISTEN: Option<SocketAddr> = None;
+/// No access log unless asked for: at tens of thousands of responses a second it is the
+/// largest thing roam would write.
+pub const DEFAULT_ACCESS_LOG: &str = "off";
 pub const DEFAULT_MAX_REQUEST_LINE: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
@@ -62,6 +68,28 @@ pub const DEFAULT_MAX_HEADERS: usize = 64;
 pub enum LogFormat {
     Pretty,
     Json,
+}
+
+/// Where the access log goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Off,
+    Stderr,
+    /// Appended to this file (created mode 0640), reopened on SIGHUP.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for AccessLogTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(AccessLogTarget::Off),
+            "stderr" => Ok(AccessLogTarget::Stderr),
+            "" => Err("expected off, stderr or a file path".into()),
+            path => Ok(AccessLogTarget::File(PathBuf::from(path))),
+        }
+    }
 }
 
 /// Where session records live.
@@ -142,6 +170,11 @@ pub struct Config {
     pub mptcp: bool,
     /// Longest a request waits for the fleet's Redis.
     pub redis_wait: Duration,
+    /// The admin listener's address (`/metrics`, `/healthz`, `/readyz`); none by default.
+    pub admin_listen: Option<SocketAddr>,
+    pub access_log: AccessLogTarget,
+    /// The format of the logs and of the access log.
+    pub log_format: LogFormat,
 }
 
 /// A setting that cannot work.
@@ -185,6 +218,9 @@ impl Config {
             tls: None,
             mptcp: DEFAULT_MPTCP,
             redis_wait: DEFAULT_REDIS_WAIT,
+            admin_listen: DEFAULT_ADMIN_LISTEN,
+            access_log: AccessLogTarget::Off,
+            log_format: LogFormat::Pretty,
         }
     }
 
@@ -256,6 +292,12 @@ impl Config {
             {
                 return bad("--redis-wait must be between 1ms and 10s");
             }
+        }
+        if self
+            .admin_listen
+            .is_some_and(|a| a == self.listen && a.port() != 0)
+        {
+            return bad("--admin-listen must differ from --listen");
         }
         if self.id_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return bad("the ID secret must be at least 16 bytes");

@@ -4,4 +4,4 @@
 pub mod cli;
 pub mod config;
 
-pub use self::config::{Accounting, Config, ConfigError, LogFormat, StoreKind};
+pub use self::config::{AccessLogTarget, Accounting, Config, ConfigError, LogFormat, StoreKind};
