@@ -419,14 +419,7 @@ impl Connection {
             if pos + len as u64 > warm_to {
                 warm_to = self.warm(file, pos, len as u64, end).await;
             }
-            match read_at(&file.file, &mut plain[..len], pos) {
-                Ok(n) if n == len => {}
-                Ok(_) => return Err(Ending::FileChanged("file shrank during transfer")),
-                Err(e) => {
-                    tracing::warn!(error = %e, "file read failed mid-transfer");
-                    return Err(Ending::FileChanged("file read failed"));
-                }
-            }
+            read_exact_at(file, &mut plain[..len], pos)?;
             self.tls_encrypt(&plain[..len], body)?;
             pos += len as u64;
             since_settle += len as u64;
@@ -462,14 +455,7 @@ impl Connection {
             if pos + len as u64 > warm_to {
                 warm_to = self.warm(file, pos, len as u64, end).await;
             }
-            match read_at(&file.file, &mut chunk[..len], pos) {
-                Ok(n) if n == len => {}
-                Ok(_) => return Err(Ending::FileChanged("file shrank during transfer")),
-                Err(e) => {
-                    tracing::warn!(error = %e, "file read failed mid-transfer");
-                    return Err(Ending::FileChanged("file read failed"));
-                }
-            }
+            read_exact_at(file, &mut chunk[..len], pos)?;
             let mut rest = &chunk[..len];
             while !rest.is_empty() {
                 match self.stream.try_write(rest) {
@@ -551,8 +537,15 @@ impl Connection {
 /// page-cache copy. A short read means the file shrank.
 fn read_tail(file: &Source, at: u64, len: u64) -> Result<Vec<u8>, Ending> {
     let mut buf = vec![0u8; len as usize];
-    match read_at(&file.file, &mut buf, at) {
-        Ok(n) if n as u64 == len => Ok(buf),
+    read_exact_at(file, &mut buf, at)?;
+    Ok(buf)
+}
+
+/// Fills `buf` from `pos` of the file: a short read means the file shrank, a failed one that
+/// it can no longer be read; either ends the body.
+fn read_exact_at(file: &Source, buf: &mut [u8], pos: u64) -> Result<(), Ending> {
+    match read_at(&file.file, buf, pos) {
+        Ok(n) if n == buf.len() => Ok(()),
         Ok(_) => Err(Ending::FileChanged("file shrank during transfer")),
         Err(e) => {
             tracing::warn!(error = %e, "file read failed mid-transfer");
