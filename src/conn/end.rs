@@ -21,8 +21,11 @@ pub enum Ending {
     FileChanged(&'static str),
     /// The peer closed its side (a FIN) while a body was still being sent, or reset the
     /// connection after that FIN (Linux reports `EPIPE` for a reset that follows the peer's
-    /// FIN). A socket closed with unread bytes sends a reset, not a FIN, so a FIN means the
-    /// client had read everything its TCP acknowledged: resuming from there is exact.
+    /// FIN). A socket closed with unread bytes sends a reset, not a FIN, so the client's kernel
+    /// had handed over everything it acknowledged; but the client itself went away mid-body (a
+    /// process killed while its buffer happened to be empty sends a FIN too), and the next
+    /// request without `Range` may come from a fresh download that would keep only a tail. So
+    /// it counts as the peer's end, like a reset: the next such request gets the whole file.
     PeerClosed,
     /// The peer reset the connection without closing it first (`ECONNRESET`, `ECONNABORTED`):
     /// the client's process died or closed with bytes unread, and what it kept is unknown.
@@ -72,12 +75,11 @@ impl Ending {
     /// have died unread in its socket buffer).
     pub fn session_end(&self) -> Ended {
         match self {
-            Ending::PeerReset(_) => Ended::Peer,
+            Ending::PeerReset(_) | Ending::PeerClosed => Ended::Peer,
             Ending::Done
             | Ending::Shutdown
             | Ending::TakenOver
             | Ending::FileChanged(_)
-            | Ending::PeerClosed
             | Ending::Stalled
             | Ending::NetworkFailed(_) => Ended::Network,
         }
@@ -121,9 +123,10 @@ mod tests {
         let reset = Ending::from_io(io::Error::from(io::ErrorKind::ConnectionReset));
         assert_eq!(reset.session_end(), Ended::Peer);
         assert_eq!(reset.close(), Close::Reset);
-        // A reset after the peer's FIN: it had read everything it acknowledged.
+        // A reset after the peer's FIN: the client left mid-body, as with a reset.
         let pipe = Ending::from_io(io::Error::from(io::ErrorKind::BrokenPipe));
-        assert_eq!(pipe.session_end(), Ended::Network);
+        assert_eq!(pipe.session_end(), Ended::Peer);
+        assert_eq!(Ending::PeerClosed.session_end(), Ended::Peer);
         let timeout = Ending::from_io(io::Error::from(io::ErrorKind::TimedOut));
         assert_eq!(timeout.session_end(), Ended::Network);
         assert_eq!(Ending::TakenOver.close(), Close::Abort);
