@@ -300,6 +300,19 @@ impl Connection {
         Ok(())
     }
 
+    /// After `n` more body bytes of a file went out: every `--progress-interval` bytes
+    /// (counted in `since_settle`), a milestone settles progress and checks the file; then
+    /// [`Connection::between_chunks`].
+    fn chunk_sent(&mut self, file: &Source, since_settle: &mut u64, n: u64) -> Result<(), Ending> {
+        *since_settle += n;
+        let milestone = *since_settle >= self.svc.config().progress_interval;
+        if milestone {
+            *since_settle = 0;
+            self.settle();
+        }
+        self.between_chunks(file, milestone)
+    }
+
     /// Between chunks: stop if the connection was taken over or the server is stopping, and
     /// abort if the file was rewritten in place (never a body spliced from two versions).
     fn between_chunks(&self, file: &Source, check_file: bool) -> Result<(), Ending> {
@@ -345,7 +358,6 @@ impl Connection {
         body: Option<BodyId>,
     ) -> Result<(), SendfileEnd> {
         let file_fd = file.file.as_raw_fd();
-        let interval = self.svc.config().progress_interval;
         let mut pos = start;
         let mut since_settle = 0u64;
         let mut warm_to = start;
@@ -368,14 +380,9 @@ impl Connection {
                 }
                 Ok(n) => {
                     pos += n as u64;
-                    since_settle += n as u64;
                     self.deliveries.wrote(n as u64, body);
-                    let milestone = since_settle >= interval;
-                    if milestone {
-                        since_settle = 0;
-                        self.settle();
-                    }
-                    self.between_chunks(file, milestone)?;
+                    self.chunk_sent(file, &mut since_settle, n as u64)
+                        .map_err(SendfileEnd::End)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.settle();
@@ -407,7 +414,6 @@ impl Connection {
         end: u64,
         body: Option<BodyId>,
     ) -> Result<(), Ending> {
-        let interval = self.svc.config().progress_interval;
         let mut plain = vec![0u8; (end - start).min(TLS_CHUNK) as usize];
         let mut pos = start;
         let mut since_settle = 0u64;
@@ -422,14 +428,8 @@ impl Connection {
             read_exact_at(file, &mut plain[..len], pos)?;
             self.tls_encrypt(&plain[..len], body)?;
             pos += len as u64;
-            since_settle += len as u64;
             self.flush_tls(true).await?;
-            let milestone = since_settle >= interval;
-            if milestone {
-                since_settle = 0;
-                self.settle();
-            }
-            self.between_chunks(file, milestone)?;
+            self.chunk_sent(file, &mut since_settle, len as u64)?;
         }
         Ok(())
     }
@@ -445,7 +445,6 @@ impl Connection {
         end: u64,
         body: Option<BodyId>,
     ) -> Result<(), Ending> {
-        let interval = self.svc.config().progress_interval;
         let mut chunk = vec![0u8; (end - start).min(READ_SIZE) as usize];
         let mut pos = start;
         let mut since_settle = 0u64;
@@ -472,13 +471,7 @@ impl Connection {
                 }
             }
             pos += len as u64;
-            since_settle += len as u64;
-            let milestone = since_settle >= interval;
-            if milestone {
-                since_settle = 0;
-                self.settle();
-            }
-            self.between_chunks(file, milestone)?;
+            self.chunk_sent(file, &mut since_settle, len as u64)?;
         }
         Ok(())
     }
