@@ -1,5 +1,6 @@
 //! Shared integration-test support: a byte-exact disruptive TCP proxy and a network-namespace harness.
 pub mod check;
+pub mod moving;
 pub mod mptcp;
 pub mod netns;
 pub mod nginx;
