@@ -106,7 +106,9 @@ start_roam() {
   local bin=${ROAM_BIN:-target/release/roam} store=()
   # Builds from before the durable store (for before/after runs) have no --store.
   if "$bin" serve --help | grep -q -- '--store'; then
-    store=(--store "$STORE" --state-dir "$work/state")
+    store=(--state-dir "$work/state")
+    # A spec that names its own store (`roam:--store memory`) overrides $STORE.
+    [[ " $* " == *" --store "* ]] || store+=(--store "$STORE")
   fi
   taskset -c "$SERVER_CORE" "$bin" serve --root "$root" --listen 127.0.0.1:0 \
     --id-secret-file "$work/secret" --max-connections 20000 "${store[@]}" \

@@ -311,7 +311,7 @@ impl Store {
     /// Writes every change to the backend now.
     pub async fn flush(&self) -> Result<usize, StoreError> {
         match &self.writer {
-            Some(w) => w.flush(&self.table).await,
+            Some(w) => w.flush(&self.table, true).await,
             None => Ok(0),
         }
     }

@@ -77,7 +77,17 @@ pub struct Table {
     /// Keys whose dirty bit went from clear to set, each listed once until taken, with the
     /// record as it was just before (what the backend holds; `None` for a new record or after a
     /// failed write), so an unchanged record need not be written again.
-    dirty: Mutex<Vec<(SessionKey, Option<Record>)>>,
+    dirty: Mutex<Vec<Dirty>>,
+}
+
+/// A key listed for the write-behind layer.
+#[derive(Debug, Clone, Copy)]
+struct Dirty {
+    key: SessionKey,
+    /// The record as the backend holds it (`None`: new, or its write failed).
+    before: Option<Record>,
+    /// When it was listed.
+    since: std::time::Instant,
 }
 
 impl Table {
@@ -231,7 +241,11 @@ impl Table {
             self.dirty
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((key, before));
+                .push(Dirty {
+                    key,
+                    before,
+                    since: std::time::Instant::now(),
+                });
         }
     }
 
@@ -331,19 +345,45 @@ impl Table {
     /// again and finished again between two flushes) is left out: the backend holds it already.
     /// (Its epoch may differ; an exclusive store needs no epoch across restarts, and a shared
     /// store began it itself.)
-    pub fn take_dirty(&self) -> Vec<(SessionKey, Record)> {
-        let keys = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
-        keys.into_iter()
-            .filter_map(|(key, before)| {
-                let s = self.map.get(&key)?;
+    ///
+    /// With `young` (a store this process alone writes), a record whose epoch began since the
+    /// backend's copy, that is still sending and was listed less than `young` ago, stays listed
+    /// for a later batch: a short download usually ends within it, its record back to the
+    /// stored state, and then costs no write at all. Under load (every request a new epoch of a
+    /// finished session, settled in batches) this keeps the disk store from writing every
+    /// request twice. A download still sending after `young` is written, and from then on
+    /// with every batch.
+    pub fn take_dirty(&self, young: Option<Duration>) -> Vec<(SessionKey, Record)> {
+        let listed = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut passed = Vec::new();
+        let taken = listed
+            .into_iter()
+            .filter_map(|d| {
+                let s = self.map.get(&d.key)?;
+                if let Some(young) = young {
+                    let now = s.record();
+                    let new_epoch = d.before.is_some_and(|b| b.epoch != now.epoch);
+                    if new_epoch && now.ended == Ended::Sending && d.since.elapsed() < young {
+                        // Still dirty: no change can list it twice meanwhile.
+                        passed.push(d);
+                        return None;
+                    }
+                }
                 s.meta.fetch_and(!DIRTY, Ordering::AcqRel);
                 let now = s.record();
-                let unchanged = before.is_some_and(|b| {
+                let unchanged = d.before.is_some_and(|b| {
                     (b.offset, b.version, b.ended) == (now.offset, now.version, now.ended)
                 });
-                (!unchanged).then_some((key, now))
+                (!unchanged).then_some((d.key, now))
             })
-            .collect()
+            .collect();
+        if !passed.is_empty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(passed);
+        }
+        taken
     }
 
     /// Lists `key` as dirty again (its write to the backend failed).

@@ -97,14 +97,17 @@ impl WriteBehind {
         self.wake.notify_one();
     }
 
-    /// Commits everything the table changed since the last flush; returns how many records.
-    /// On failure the records are listed again, so the next flush retries them.
-    pub async fn flush(&self, table: &Table) -> Result<usize, StoreError> {
-        let taken = table.take_dirty();
+    /// Commits what the table changed since the last flush; returns how many records. On
+    /// failure the records are listed again, so the next flush retries them. Unless `all`, an
+    /// exclusive store's new epochs still sending wait up to one flush interval
+    /// ([`Table::take_dirty`]); the writer's regular batches pass `false`, its last one and
+    /// [`Store::flush`](super::store::Store::flush) `true`.
+    pub async fn flush(&self, table: &Table, all: bool) -> Result<usize, StoreError> {
+        let exclusive = self.backend.exclusive();
+        let taken = table.take_dirty((exclusive && !all).then_some(self.interval));
         if taken.is_empty() {
             return Ok(0);
         }
-        let exclusive = self.backend.exclusive();
         let batch: Vec<Report> = taken
             .iter()
             .map(|&(key, record)| {
@@ -160,9 +163,9 @@ impl WriteBehind {
                 () = stop.cancelled() => break,
             }
             last = Instant::now();
-            self.report(self.flush(table).await);
+            self.report(self.flush(table, false).await);
         }
-        self.report(self.flush(table).await);
+        self.report(self.flush(table, true).await);
     }
 
     /// Logs the first failure of a burst, and the recovery with how many flushes failed in
@@ -411,5 +414,54 @@ mod tests {
         assert_eq!(s.flush().await.unwrap(), 1);
         let stored = backend.inner.read(key(6)).await.unwrap().unwrap().record;
         assert_eq!((stored.offset, stored.ended), (0, Ended::Sending));
+    }
+
+    /// Under load every request begins an epoch of a finished session: regular batches pass
+    /// over a new epoch still sending for one flush interval, so a short download that ends
+    /// within it costs no write; one still sending then is written; the last batch writes
+    /// everything.
+    #[tokio::test]
+    async fn a_new_epoch_still_sending_waits_one_flush_interval() {
+        const INTERVAL: Duration = Duration::from_millis(200);
+        let backend = flaky(0);
+        let wb = WriteBehind::new(backend.clone(), INTERVAL);
+        let table = Table::new(100, Duration::from_secs(3600), clock(), true);
+        let k = key(8);
+        let e = table.begin(k, 1, 0).unwrap();
+        table.advance(&k, e, 100);
+        table.end(&k, e, Ended::Clean);
+        assert_eq!(wb.flush(&table, false).await.unwrap(), 1, "a new record");
+        // Begun again and finished before the next batch: nothing to write.
+        let e = table.begin(k, 1, 0).unwrap();
+        assert_eq!(wb.flush(&table, false).await.unwrap(), 0, "passed over");
+        table.advance(&k, e, 100);
+        table.end(&k, e, Ended::Clean);
+        assert_eq!(wb.flush(&table, false).await.unwrap(), 0, "back as stored");
+        assert_eq!(backend.commits.load(Ordering::SeqCst), 1);
+        // Still sending one interval later: written.
+        let e = table.begin(k, 1, 0).unwrap();
+        let begun = std::time::Instant::now();
+        assert_eq!(wb.flush(&table, false).await.unwrap(), 0);
+        table.advance(&k, e, 40);
+        // Every batch until the interval has passed leaves it listed; the first after writes it.
+        let written = loop {
+            let n = wb.flush(&table, false).await.unwrap();
+            if n > 0 || begun.elapsed() > 10 * INTERVAL {
+                break n;
+            }
+            tokio::time::sleep(INTERVAL / 8).await;
+        };
+        assert_eq!(written, 1);
+        assert!(begun.elapsed() >= INTERVAL, "written before one interval");
+        let stored = backend.inner.read(k).await.unwrap().unwrap().record;
+        assert_eq!((stored.offset, stored.ended), (40, Ended::Sending));
+        // Its progress from now on goes out with every batch.
+        table.advance(&k, e, 60);
+        assert_eq!(wb.flush(&table, false).await.unwrap(), 1);
+        // A new epoch at the last batch (`all`) is written at once.
+        let e2 = table.begin(k, 1, 0).unwrap();
+        assert_eq!(wb.flush(&table, true).await.unwrap(), 1);
+        let stored = backend.inner.read(k).await.unwrap().unwrap().record;
+        assert_eq!((stored.epoch, stored.offset), (e2, 0));
     }
 }
