@@ -324,6 +324,22 @@ pub fn sendfile(socket: RawFd, file: RawFd, offset: u64, count: usize) -> io::Re
     Ok(rc as usize)
 }
 
+/// One `recv(2)` into the spare capacity of `buf` (at least one byte must be spare); returns
+/// how many bytes arrived, 0 when the peer closed its side.
+#[cfg(unix)]
+pub fn recv_into(socket: RawFd, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+    use bytes::BufMut;
+    let spare = buf.chunk_mut();
+    // SAFETY: `spare` is writable for `spare.len()` bytes; recv writes at most that many.
+    let rc = unsafe { libc::recv(socket, spare.as_mut_ptr().cast(), spare.len(), 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: recv initialised the first `rc` bytes of the spare capacity.
+    unsafe { buf.advance_mut(rc as usize) };
+    Ok(rc as usize)
+}
+
 /// `send(2)` with `MSG_MORE`, so a response head shares a segment with the body that follows
 /// (the kernel holds a partial segment until the next write instead of pushing it alone).
 /// `MSG_NOSIGNAL` keeps a vanished peer from raising `SIGPIPE`.

@@ -130,11 +130,29 @@ impl Connection {
     /// yield no plaintext yet, or queue records to send back).
     pub(super) fn read_some(&mut self) -> io::Result<Received> {
         match self.tls.as_deref_mut() {
-            None => match self.stream.try_read_buf(&mut self.buf) {
-                Ok(0) => Ok(Received::Closed),
-                Ok(_) => Ok(Received::Bytes),
-                Err(e) => Err(e),
-            },
+            None => {
+                // A read that leaves room in the buffer took everything the socket had: its
+                // readiness is cleared now (as tokio's own `poll_read` does after a short
+                // read), so the next wait does not begin with a `recv` that finds nothing,
+                // one wasted system call per request. Readiness that a newer event set stays.
+                let (fd, buf) = (self.fd, &mut self.buf);
+                let mut short = false;
+                let read = self.stream.try_io(tokio::io::Interest::READABLE, || {
+                    let room = buf.capacity() - buf.len();
+                    let n = crate::sys::recv_into(fd, buf)?;
+                    if n > 0 && n < room {
+                        short = true;
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                match read {
+                    _ if short => Ok(Received::Bytes),
+                    Ok(0) => Ok(Received::Closed),
+                    Ok(_) => Ok(Received::Bytes),
+                    Err(e) => Err(e),
+                }
+            }
             Some(tls) => match tls.receive(&mut SocketReader(&self.stream), &mut self.buf)? {
                 Input::Closed => Ok(Received::Closed),
                 Input::Progress => Ok(Received::Bytes),
