@@ -333,7 +333,17 @@ impl Connection {
     #[cfg(target_os = "linux")]
     async fn warm(&self, file: &Source, pos: u64, len: u64, end: u64) -> u64 {
         let fd = file.file.as_raw_fd();
-        if len == 0 || sys::cached(fd, pos + len - 1) != Some(false) {
+        // A file that one read-ahead covers and that was found cached within the last second
+        // is not probed again: under load every response of a hot file would pay a system
+        // call for it.
+        let small = file.opened_len() <= WARM_AHEAD;
+        if len == 0 || (small && file.recently_warm()) {
+            return pos + len;
+        }
+        if sys::cached(fd, pos + len - 1) != Some(false) {
+            if small {
+                file.mark_warm();
+            }
             return pos + len;
         }
         let upto = (pos + WARM_AHEAD.max(len)).min(end);
@@ -345,6 +355,9 @@ impl Connection {
             // The send reads the data itself, and reports a failure as it would have.
             Ok(Err(e)) => tracing::debug!(error = %e, "readahead failed"),
             Err(e) => tracing::debug!(error = %e, "readahead task failed"),
+        }
+        if small && pos == 0 {
+            file.mark_warm();
         }
         upto
     }

@@ -7,8 +7,9 @@ use bytes::Bytes;
 use std::fs::{File, Metadata};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The folder every download is served from.
 #[derive(Debug)]
@@ -41,7 +42,20 @@ pub struct Source {
     /// Length and modification time when opened: what the ETag says.
     len: u64,
     mtime_ns: i128,
+    /// When the whole file was last found in the page cache (milliseconds since
+    /// [`warm_clock`]'s start; 0: never), shared by every response from this open file.
+    warm_at: Arc<AtomicU64>,
 }
+
+/// Milliseconds since the first call (never 0 once called): the coarse clock of
+/// [`Source::recently_warm`].
+fn warm_clock() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// How long a file found wholly in the page cache is taken to stay there.
+const WARM_FOR_MS: u64 = 1000;
 
 impl Source {
     /// True when the file's length or modification time no longer match the version being
@@ -53,6 +67,24 @@ impl Source {
             Ok(meta) => meta.len() != self.len || mtime_ns(&meta) != self.mtime_ns,
             Err(_) => true,
         }
+    }
+
+    /// The file's length when opened.
+    pub fn opened_len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when the whole file was found in the page cache within the last second: a probe
+    /// of its chunks can be skipped (a file evicted that fast is only sent by a blocking read,
+    /// as other servers always do).
+    pub fn recently_warm(&self) -> bool {
+        let at = self.warm_at.load(Ordering::Relaxed);
+        at != 0 && warm_clock().saturating_sub(at) < WARM_FOR_MS
+    }
+
+    /// Notes that the whole file is in the page cache now.
+    pub fn mark_warm(&self) {
+        self.warm_at.store(warm_clock(), Ordering::Relaxed);
     }
 }
 
@@ -99,6 +131,7 @@ impl OpenFile {
             file: Arc::new(file),
             len,
             mtime_ns: mtime_ns(meta),
+            warm_at: Arc::new(AtomicU64::new(0)),
         };
         let last_modified = last_modified(modified, SystemTime::now());
         let content_type = mime_guess::from_path(rel.as_path())
