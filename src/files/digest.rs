@@ -20,7 +20,6 @@ use super::root::{mtime_ns, OpenFile, Root};
 use crate::http::target::RelPath;
 use crate::session::FileKey;
 use base64::Engine as _;
-use dashmap::DashMap;
 use sha2::{Digest as _, Sha256};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -114,7 +113,7 @@ struct Job {
 /// The digest cache, its queue and the worker's state.
 #[derive(Debug, Default)]
 pub struct Digests {
-    known: DashMap<DigestKey, Known>,
+    known: crate::ConcurrentMap<DigestKey, Known>,
     queue: Mutex<VecDeque<Job>>,
     wake: Notify,
     /// Set at shutdown: hashing stops at the next chunk, so a multi-gigabyte file cannot hold

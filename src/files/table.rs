@@ -15,7 +15,6 @@ use super::identity::Identities;
 use super::root::{identity_of, mtime_ns, OpenError, OpenFile, Root};
 use crate::http::target::RelPath;
 use crate::session::FileKey;
-use dashmap::DashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,7 +48,7 @@ struct Entry {
 /// Cache of open files by validated relative path.
 #[derive(Debug)]
 pub struct FileTable {
-    entries: DashMap<PathBuf, Arc<Entry>>,
+    entries: crate::ConcurrentMap<PathBuf, Arc<Entry>>,
     /// Which files each path named, for ETags that tell them apart (see `identity`).
     identities: Identities,
     revalidate_ms: u64,
@@ -62,7 +61,7 @@ impl FileTable {
     /// most `max_entries` open files (zero: caches nothing).
     pub fn new(revalidate: Duration, max_entries: usize) -> Self {
         FileTable {
-            entries: DashMap::new(),
+            entries: crate::ConcurrentMap::default(),
             identities: Identities::default(),
             revalidate_ms: u64::try_from(revalidate.as_millis()).unwrap_or(u64::MAX),
             max_entries,

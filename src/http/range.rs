@@ -80,6 +80,34 @@ impl fmt::Display for ContentRange {
     }
 }
 
+impl crate::http::response::FieldValue for ContentRange {
+    fn put(&self, buf: &mut bytes::BytesMut) {
+        use crate::http::response::put_number;
+        use bytes::BufMut;
+        match *self {
+            ContentRange::Satisfied {
+                first,
+                last,
+                complete,
+            } => {
+                buf.put_slice(b"bytes ");
+                put_number(buf, first);
+                buf.put_u8(b'-');
+                put_number(buf, last);
+                buf.put_u8(b'/');
+                match complete {
+                    Some(c) => put_number(buf, c),
+                    None => buf.put_u8(b'*'),
+                }
+            }
+            ContentRange::Unsatisfied { complete } => {
+                buf.put_slice(b"bytes */");
+                put_number(buf, complete);
+            }
+        }
+    }
+}
+
 impl std::str::FromStr for ContentRange {
     type Err = ();
 

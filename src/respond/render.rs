@@ -67,7 +67,7 @@ fn representation_fields(head: &mut Head, file: &OpenFile) {
     head.raw(&file.fields);
     match &file.digest {
         DigestState::Ready(digest) => {
-            head.field("Repr-Digest", digest);
+            head.field("Repr-Digest", &**digest);
         }
         DigestState::Pending => {
             head.field(DIGEST_PENDING_FIELD, "pending");

@@ -15,7 +15,6 @@
 
 use super::backend::SharedStore;
 use super::key::{Ended, Epoch, SessionKey};
-use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,7 +77,7 @@ struct Slot {
 /// Registry of current senders, keyed by session.
 #[derive(Debug, Default)]
 pub struct Owners {
-    slots: DashMap<SessionKey, Slot>,
+    slots: crate::ConcurrentMap<SessionKey, Slot>,
     serials: AtomicU64,
     /// `roam_takeovers_total{scope="local"}`: senders stopped by a takeover.
     takeovers: Counter,

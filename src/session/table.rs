@@ -8,7 +8,6 @@
 use super::backend::{BeginError, Expect};
 use super::clock::Clock;
 use super::key::{Ended, Epoch, Record, SessionKey};
-use dashmap::DashMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,7 +58,7 @@ impl Slot {
 /// records changed since they were last taken.
 #[derive(Debug)]
 pub struct Table {
-    map: DashMap<SessionKey, Slot>,
+    map: crate::ConcurrentMap<SessionKey, Slot>,
     /// Sessions held; kept beside the map because counting a DashMap takes every shard's lock.
     count: AtomicUsize,
     /// First epoch of the next new record: a record re-created after expiry must not start at
@@ -95,7 +94,7 @@ impl Table {
     pub fn new(cap: usize, ttl: Duration, clock: Arc<dyn Clock>, track_dirty: bool) -> Self {
         let unit_secs = ttl.as_secs().div_ceil(UNITS_PER_TTL).max(1);
         Table {
-            map: DashMap::new(),
+            map: crate::ConcurrentMap::default(),
             count: AtomicUsize::new(0),
             next_epoch: AtomicU16::new(rand::random()),
             cap,
