@@ -106,13 +106,34 @@ impl Connection {
         match body {
             Body::Empty => self.write(&head, false, None).await,
             Body::Bytes(bytes) => {
-                let mut both = BytesMut::with_capacity(head.len() + bytes.len());
-                both.extend_from_slice(&head);
-                both.extend_from_slice(&bytes);
                 let start = self.deliveries.written() + head.len() as u64;
                 let body = self
                     .deliveries
                     .track(claim, bytes.len() as u64, start, line.take());
+                if self.tls.is_none() {
+                    // Head and body in one vectored send, without copying them together.
+                    let sent = self.stream.try_write_vectored(&[
+                        std::io::IoSlice::new(&head),
+                        std::io::IoSlice::new(&bytes),
+                    ]);
+                    match sent {
+                        Ok(n) => {
+                            self.deliveries.wrote(n as u64, Some(body));
+                            let rest = n.saturating_sub(head.len());
+                            if n < head.len() {
+                                self.write(&head[n..], true, Some(body)).await?;
+                            }
+                            return self.write(&bytes[rest..], false, Some(body)).await;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(Ending::from_io(e)),
+                    }
+                }
+                // Through TLS one buffer makes one record; a full socket waits in `write`.
+                let mut both = BytesMut::with_capacity(head.len() + bytes.len());
+                both.extend_from_slice(&head);
+                both.extend_from_slice(&bytes);
                 self.write(&both, false, Some(body)).await
             }
             Body::File { source, range } => {
