@@ -555,7 +555,8 @@ bench_runtime() {
 # Memory store against the fleet's Redis store (a redis-server of its own, on the load core:
 # this machine has two), runs interleaved (memory, redis, memory, redis, ...); reports the median
 # of each and the median of the per-pair ratios, and Redis commands per request (INFO
-# commandstats over the run, divided by wrk's request count).
+# commandstats over the run, divided by wrk's request count), and the node's own CPU per request
+# (what one node serves when Redis has a machine of its own).
 bench_redis() {
   command -v redis-server >/dev/null || { echo "redis-server is required" >&2; exit 1; }
   mint_ids
@@ -567,11 +568,11 @@ bench_redis() {
   until redis-cli -p "$rport" ping 2>/dev/null | grep -q PONG; do sleep 0.05; done
   echo "### Session stores: memory vs Redis (wrk, $CONNECTIONS connections, $DURATION, $RUNS interleaved pairs)"
   echo
-  echo "| file | requests | store | req/s (median) | p50 | p99 | Redis scripts+reads per request | redis/memory (median of pairs) |"
-  echo "|---|---|---|---|---|---|---|---|"
+  echo "| file | requests | store | req/s (median) | p50 | p99 | Redis per request: scripts/reads/writes/other | redis/memory req/s (median of pairs) | node CPU µs per request (median) | memory/redis CPU per request (median of pairs) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
   for file in f1k f100k; do
     for mode in range norange; do
-      local mem=() red=() ratios=() cmds=() lat_m="" lat_r=""
+      local mem=() red=() ratios=() cmds=() lat_m="" lat_r="" cpu_m=() cpu_r=() cpu_ratios=() cpu0
       for _ in $(seq "$RUNS"); do
         for store in memory redis; do
           local flag=memory
@@ -586,6 +587,7 @@ bench_redis() {
             taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNECTIONS" -d2s -s scripts/wrk-sessions.lua \
               "http://$ADDR" -- "$file" "$work/ids" norange >/dev/null 2>&1 || true
             redis-cli -p "$rport" config resetstat >/dev/null
+            cpu0=$(cpu_seconds "$PID")
             taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency --timeout 10s \
               -s scripts/wrk-sessions.lua "http://$ADDR" -- "$file" "$work/ids" norange >"$work/wrk.txt" 2>&1 || true
             local r p50 p99
@@ -593,32 +595,40 @@ bench_redis() {
             p50=$(awk '$1 == "50%" {print $2}' "$work/wrk.txt")
             p99=$(awk '$1 == "99%" {print $2}' "$work/wrk.txt")
           else
+            cpu0=$(cpu_seconds "$PID")
             read -r r p50 p99 _ < <(WRK_FILE="$file" WRK_CONNS="$CONNECTIONS" wrk_once)
           fi
-          local n
+          local n us
           n=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
+          # The node's own CPU per request: what one node can serve when Redis has a machine of
+          # its own (here Redis shares the load generator's core, which lowers req/s).
+          us=$(awk -v a="$cpu0" -v b="$(cpu_seconds "$PID")" -v n="$n" 'BEGIN { if (n > 0) printf "%.1f", (b - a) * 1e6 / n; else print 0 }')
           stop_server
           if [ "$store" = memory ]; then
-            mem+=("$r"); lat_m="$p50 $p99"
+            mem+=("$r"); lat_m="$p50 $p99"; cpu_m+=("$us")
           else
-            red+=("$r"); lat_r="$p50 $p99"
+            red+=("$r"); lat_r="$p50 $p99"; cpu_r+=("$us")
+            cpu_ratios+=("$(awk -v a="$us" -v b="${cpu_m[-1]}" 'BEGIN { if (a > 0) printf "%.2f", b / a; else print "n/a" }')")
             local c
-            # Calls the nodes made: scripts (EVALSHA), and reads (HMGET outside scripts: every
-            # script runs one HMGET itself). Commands inside scripts are not calls.
+            # What the node asked of Redis: script calls (EVALSHA; one call carries many
+            # sessions when written behind), records read (HMGET: one per session a script
+            # handles, plus plain reads), records written (HSET) and other commands (PUBLISH,
+            # EXISTS), each per request.
             c=$(redis-cli -p "$rport" info commandstats | tr -d '\r' |
               awk -F'[:=,]' '$1 == "cmdstat_evalsha" {e = $3} $1 == "cmdstat_hmget" {h = $3}
+                $1 == "cmdstat_hset" {w = $3}
                 $1 == "cmdstat_publish" || $1 == "cmdstat_exists" {o += $3}
-                END {print e + 0, h - e + o}')
-            cmds+=("$(awk -v c="$c" -v n="$n" 'BEGIN { split(c, x, " "); if (n > 0) printf "%.2f+%.2f", x[1] / n, x[2] / n; else print "n/a" }')")
+                END {print e + 0, h + 0, w + 0, o + 0}')
+            cmds+=("$(awk -v c="$c" -v n="$n" 'BEGIN { split(c, x, " "); if (n > 0) printf "%.2f/%.2f/%.2f/%.2f", x[1] / n, x[2] / n, x[3] / n, x[4] / n; else print "n/a" }')")
             ratios+=("$(awk -v a="$r" -v b="${mem[-1]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')")
           fi
         done
       done
       med() { printf '%s\n' "$@" | sort -g | sed -n "$((($# + 1) / 2))p"; }
       read -r p50 p99 <<<"$lat_m"
-      echo "| $file | $mode | memory | $(med "${mem[@]}") | $p50 | $p99 | | |"
+      echo "| $file | $mode | memory | $(med "${mem[@]}") | $p50 | $p99 | | | $(med "${cpu_m[@]}") | |"
       read -r p50 p99 <<<"$lat_r"
-      echo "| $file | $mode | redis | $(med "${red[@]}") | $p50 | $p99 | $(med "${cmds[@]}") | $(med "${ratios[@]}") |"
+      echo "| $file | $mode | redis | $(med "${red[@]}") | $p50 | $p99 | $(med "${cmds[@]}") | $(med "${ratios[@]}") | $(med "${cpu_r[@]}") | $(med "${cpu_ratios[@]}") |"
     done
   done
   echo

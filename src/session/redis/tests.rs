@@ -291,6 +291,104 @@ async fn resume_starts_where_the_client_stands() {
     assert_eq!(began(&a, k, other_version).await.1, 0);
 }
 
+fn script_calls(url: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut raw(url))
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A session this node saw finished is confirmed by a plain read (no script runs), including
+/// from the node's own end not written yet; one that another node began again or holds goes
+/// to BEGIN, which answers as before.
+#[tokio::test]
+async fn a_session_seen_finished_is_confirmed_by_a_read() {
+    let Some((url, a, b, _)) = two_nodes() else {
+        return;
+    };
+    let k = key(12);
+    let (e, _) = began(&a, k, ask(None, Local::None)).await;
+    let finished = Record {
+        offset: 1000,
+        version: 7,
+        epoch: e,
+        ended: Ended::Clean,
+    };
+    // The end is not written yet: the store still has A sending from 0.
+    let calls = script_calls(&url);
+    assert_eq!(
+        a.resume(k, ask(None, Local::Registered(finished)))
+            .await
+            .unwrap(),
+        Resumed::Finished
+    );
+    assert_eq!(script_calls(&url), calls, "a script ran");
+    a.commit(vec![progress(k, e, 1000, Ended::Clean)])
+        .await
+        .unwrap();
+    let calls = script_calls(&url);
+    assert_eq!(
+        a.resume(k, ask(None, Local::Registered(finished)))
+            .await
+            .unwrap(),
+        Resumed::Finished
+    );
+    assert_eq!(script_calls(&url), calls, "a script ran");
+    // Another version of the file: not finished.
+    let v8 = ResumeAsk {
+        version: 8,
+        ..ask(None, Local::Registered(finished))
+    };
+    let (e8, start) = began(&a, k, v8).await;
+    assert_eq!(start, 0);
+    a.commit(vec![progress(k, e8, 1000, Ended::Clean)])
+        .await
+        .unwrap();
+    // B sends it again (a declared position) and is cut at 10: A's view is stale, BEGIN
+    // decides.
+    let again = Record {
+        offset: 10,
+        version: 7,
+        epoch: Epoch(e8.0.wrapping_add(5)),
+        ended: Ended::Network,
+    };
+    b.commit(vec![Report::Begun {
+        key: k,
+        record: again,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(
+        began(&a, k, ask(None, Local::Registered(finished))).await.1,
+        10
+    );
+    // B holds it, sending: A is told so.
+    let held = Record {
+        epoch: Epoch(e8.0.wrapping_add(9)),
+        ended: Ended::Sending,
+        ..again
+    };
+    b.commit(vec![Report::Begun {
+        key: k,
+        record: held,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(
+        a.resume(k, ask(None, Local::Registered(finished)))
+            .await
+            .unwrap(),
+        Resumed::Held {
+            holder: b.node().to_owned(),
+            epoch: held.epoch
+        }
+    );
+}
+
 /// The node's own newer knowledge counts: progress of its epoch not written yet, and an epoch
 /// it began alone (a declared position) that the store has not seen.
 #[tokio::test]
@@ -335,6 +433,96 @@ async fn a_begin_decides_from_this_nodes_unwritten_progress() {
     };
     let (e3, start) = began(&a, k2, ask(None, Local::Begun(alone))).await;
     assert_eq!((e3, start), (Epoch(31_001), 420));
+}
+
+/// One commit carries many sessions in a few script calls (more than one chunk here): every
+/// report gets its own verdict: stale progress and records past the cap are refused one by one
+/// without failing the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_mixed_batch_keeps_every_sessions_verdict() {
+    let Some(url) = fresh() else {
+        return;
+    };
+    let clock = Arc::new(ManualClock::at(T0));
+    let n = (COMMIT_CHUNK * 2 + 7) as u64;
+    // Room for every session but the last three of the batch.
+    let a = backend_on(
+        &url,
+        clock.clone(),
+        n as usize - 3,
+        Duration::from_secs(3600),
+    );
+    let b = backend_on(&url, clock.clone(), n as usize, Duration::from_secs(3600));
+    let record = |offset| Record {
+        offset,
+        version: 7,
+        epoch: Epoch(3),
+        ended: Ended::Sending,
+    };
+    // The first half of the sessions exist as A's already.
+    let first: Vec<Report> = (0..n / 2)
+        .map(|i| Report::Begun {
+            key: key(i),
+            record: record(10),
+        })
+        .collect();
+    assert_eq!(a.commit(first).await.unwrap().applied, (n / 2) as usize);
+    // B takes every fourth of them: A's progress on those is stale from now on.
+    for i in (0..n / 2).step_by(4) {
+        b.commit(vec![Report::Begun {
+            key: key(i),
+            record: Record {
+                epoch: Epoch(4),
+                ..record(20)
+            },
+        }])
+        .await
+        .unwrap();
+    }
+    // One batch: progress for the first half, new records for the second.
+    let batch: Vec<Report> = (0..n)
+        .map(|i| {
+            if i < n / 2 {
+                progress(key(i), Epoch(3), 100 + i, Ended::Clean)
+            } else {
+                Report::Begun {
+                    key: key(i),
+                    record: record(i),
+                }
+            }
+        })
+        .collect();
+    let c = a.commit(batch).await.unwrap();
+    let taken = (n / 2).div_ceil(4) as usize;
+    assert_eq!(c.applied, n as usize - taken - 3, "{c:?}");
+    assert_eq!(c.stale, taken + 3, "{c:?}");
+    let mut refused = 0;
+    for i in 0..n {
+        let got = b.holding(key(i)).await.unwrap();
+        if i < n / 2 && i % 4 == 0 {
+            let h = got.unwrap();
+            assert_eq!(
+                (h.stored.record.epoch, h.stored.record.offset),
+                (Epoch(4), 20)
+            );
+        } else if i < n / 2 {
+            let h = got.unwrap();
+            assert_eq!(
+                (
+                    h.stored.record.offset,
+                    h.stored.record.ended,
+                    h.holder.as_deref()
+                ),
+                (100 + i, Ended::Clean, Some(a.node()))
+            );
+        } else if let Some(h) = got {
+            assert_eq!(h.stored.record.offset, i);
+        } else {
+            refused += 1;
+        }
+    }
+    // Which new sessions the cap refused depends on the order the calls ran in.
+    assert_eq!(refused, 3, "new records refused past the cap");
 }
 
 /// Epochs begun alone are written as that node's; written again they only move forward; a
