@@ -21,6 +21,7 @@
 #   scripts/bench.sh runtime      # roam multi-thread vs per-core runtime (1 KiB, 100 KiB)
 #   scripts/bench.sh answers      # roam: minting IDs (GET /), repeated requests for finished files (416)
 #   scripts/bench.sh redis        # memory vs Redis session store, interleaved (needs redis-server)
+#   scripts/bench.sh idle         # memory per idle keep-alive connection (roam, nginx, lighttpd)
 #   scripts/bench.sh metrics      # the ops layer's cost: roam against OTHER_ROAM built without it
 #   scripts/bench.sh instructions # the same in instructions per request (valgrind), load-independent
 #   scripts/bench.sh all
@@ -420,6 +421,37 @@ bench_conns() {
   report conns "req/s|errors|RSS growth MB|RSS per connection KB" "${specs[@]}"
 }
 
+# Memory per idle connection: 10,000 connections each make one 1 KiB request, read the answer and
+# stay open and silent (scripts/idle-conns.py); RSS once all are idle, minus RSS before (read
+# after the sessions exist). With IDLE_BARE=1 the connections send nothing.
+idle_once() {
+  local n=10000 base after ids="$work/ids"
+  [ -n "${IDLE_BARE:-}" ] && ids=-
+  # Every client's session exists before the base is read (a second of wrk over 64
+  # connections), so that the growth is the connections' own, not the sessions'.
+  taskset -c "$LOAD_CORE" wrk -t1 -c64 -d1s -s scripts/wrk-sessions.lua "http://$ADDR" -- \
+    f1k "$work/ids" >/dev/null 2>&1 || true
+  base=$(rss_kb "$PID")
+  coproc HOLD { taskset -c "$LOAD_CORE" python3 scripts/idle-conns.py "$ADDR" "$n" "$ids"; }
+  local line=""
+  read -r line <&"${HOLD[0]}" || true
+  [ "$line" = ready ] || { echo "idle-conns.py did not get its answers" >&2; exit 1; }
+  after=$(rss_kb "$PID")
+  kill "$HOLD_PID" 2>/dev/null
+  wait "$HOLD_PID" 2>/dev/null || true
+  awk -v n="$n" -v b="$base" -v a="$after" 'BEGIN { printf "%.1f %.0f\n", (a - b) / 1024, (a - b) * 1024 / n }'
+}
+
+bench_idle() {
+  mint_ids
+  echo "### Memory per idle connection (10,000 connections, one 1 KiB request each, then silent; $RUNS interleaved rounds)"
+  echo
+  local specs=(roam nginx lighttpd)
+  [ -n "${OTHER_ROAM:-}" ] && specs+=(other-roam)
+  interleave idle idle_once "${specs[@]}"
+  report idle "RSS growth MB|bytes per connection" "${specs[@]}"
+}
+
 handshake_once() { # a new connection (a full handshake) for every request
   WRK_EXTRA=(-H "Connection: close")
   wrk_once
@@ -771,8 +803,9 @@ case "${1:-all}" in
   runtime) bench_runtime ;;
   answers) bench_answers ;;
   redis) bench_redis ;;
+  idle) bench_idle ;;
   metrics) bench_metrics ;;
   instructions) bench_instructions ;;
-  all) bench_small; bench_large; bench_conns; bench_tls; bench_accounting; bench_store; bench_mptcp; bench_cold; bench_runtime; bench_answers; bench_redis ;;
-  *) echo "usage: $0 small|large|conns|tls|accounting|store|mptcp|cold|versus|runtime|answers|redis|metrics|instructions|all" >&2; exit 2 ;;
+  all) bench_small; bench_large; bench_conns; bench_idle; bench_tls; bench_accounting; bench_store; bench_mptcp; bench_cold; bench_runtime; bench_answers; bench_redis ;;
+  *) echo "usage: $0 small|large|conns|idle|tls|accounting|store|mptcp|cold|versus|runtime|answers|redis|metrics|instructions|all" >&2; exit 2 ;;
 esac

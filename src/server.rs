@@ -75,12 +75,8 @@ pub async fn run_listener(
                     failed_accepts = 0;
                 }
                 backoff = Duration::ZERO;
-                let svc = Arc::clone(&svc);
-                let cancel = cancel.clone();
-                tracker.spawn(async move {
-                    conn::serve(stream, peer, svc, cancel).await;
-                    drop(permit);
-                });
+                let (svc, cancel) = (Arc::clone(&svc), cancel.clone());
+                tracker.spawn(conn::serve(stream, peer, svc, cancel, Some(permit)));
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {

@@ -88,7 +88,7 @@ impl Connection {
     /// client's reset (MP_FASTCLOSE, or a reset of every subflow) leaves `ECONNRESET`.
     fn unless_peer_left(&self, end: Ending) -> Ending {
         #[cfg(target_os = "linux")]
-        if self.transport == sys::Transport::Mptcp && sys::mptcp_active(self.fd) {
+        if self.transport == sys::Transport::Mptcp && sys::mptcp_active(self.fd()) {
             return match self.stream.take_error() {
                 Ok(Some(e))
                     if matches!(
@@ -102,7 +102,7 @@ impl Connection {
             };
         }
         #[cfg(target_os = "linux")]
-        if sys::peer_ended(self.fd) == Some(sys::PeerEnd::Reset) {
+        if sys::peer_ended(self.fd()) == Some(sys::PeerEnd::Reset) {
             return match self.stream.take_error() {
                 Ok(Some(e)) => Ending::from_io(e),
                 _ => Ending::PeerReset(io::ErrorKind::ConnectionReset.into()),
@@ -128,7 +128,7 @@ impl Connection {
         if !self.deliveries.pending() {
             return;
         }
-        let wait = sys_rtt(self.fd)
+        let wait = sys_rtt(self.fd())
             .map_or(FINAL_ACK_WAIT_MIN, |rtt| rtt * 2)
             .clamp(FINAL_ACK_WAIT_MIN, FINAL_ACK_WAIT_MAX);
         let deadline = Instant::now() + wait;
@@ -141,7 +141,7 @@ impl Connection {
     fn nothing_in_flight(&self) -> bool {
         #[cfg(target_os = "linux")]
         {
-            sys::nothing_in_flight(self.fd, self.transport).unwrap_or(true)
+            sys::nothing_in_flight(self.fd(), self.transport).unwrap_or(true)
         }
         #[cfg(not(target_os = "linux"))]
         {
@@ -155,7 +155,7 @@ impl Connection {
     fn reset_seen(&self) -> bool {
         #[cfg(target_os = "linux")]
         {
-            sys::peer_ended(self.fd) == Some(sys::PeerEnd::Reset)
+            sys::peer_ended(self.fd()) == Some(sys::PeerEnd::Reset)
         }
         #[cfg(not(target_os = "linux"))]
         {
@@ -184,7 +184,7 @@ impl Connection {
         let mut peer_done = false;
         // Shutdown also fires the connection's token; only a takeover turns the close into a
         // reset.
-        let mut shutting_down = self.shutdown.is_cancelled();
+        let mut shutting_down = self.handle.shutdown.is_cancelled();
         let mut scratch = [0u8; 1024];
         loop {
             self.settle();
@@ -212,7 +212,7 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = self.handle.abort.cancelled(), if !shutting_down => {
-                    if self.shutdown.is_cancelled() {
+                    if self.handle.shutdown.is_cancelled() {
                         shutting_down = true;
                     } else {
                         return Lingered::TakenOver;

@@ -17,6 +17,7 @@ use self::progress::Deliveries;
 use crate::http::error::RequestError;
 use crate::http::request::{self, Method, Request};
 use crate::ops::access_log::AccessRecord;
+use crate::ops::metrics::ConnectionGauge;
 use crate::respond;
 use crate::service::Service;
 use crate::session::ConnectionHandle;
@@ -25,12 +26,14 @@ use crate::sys::{self, AckCounter};
 use crate::throttle::LogThrottle;
 use crate::tls::conn::TlsLayer;
 use bytes::{Buf, BytesMut};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -62,11 +65,9 @@ enum ReadEnd {
 
 struct Connection {
     stream: TcpStream,
-    fd: RawFd,
     peer: SocketAddr,
     svc: Arc<Service>,
     handle: ConnectionHandle,
-    shutdown: CancellationToken,
     /// Unparsed bytes; empty and unallocated between requests.
     buf: BytesMut,
     deliveries: Deliveries,
@@ -79,17 +80,26 @@ struct Connection {
     plain_on_tls_port: bool,
     /// TCP or Multipath TCP: where acknowledgements are read.
     transport: sys::Transport,
+    /// Counts the connection as open while it lives.
+    _open: ConnectionGauge,
+    /// The listener's connection slot, given back when the connection ends.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 /// Serves one accepted connection to the end. Never panics on peer behaviour; every error ends
-/// only this connection.
-pub async fn serve(
+/// only this connection; `slot` (the listener's permit) is given back when it ends.
+///
+/// The socket is set up here, before the connection's task starts, so that the task's future
+/// holds the connection and nothing else: an idle connection costs that future plus the
+/// runtime's share (docs/benchmarks.md, memory per connection).
+pub fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     svc: Arc<Service>,
     shutdown: CancellationToken,
-) {
-    let _open = svc.metrics().connection();
+    slot: Option<OwnedSemaphorePermit>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let open = svc.metrics().connection();
     let fd = stream.as_raw_fd();
     let transport = sys::transport(fd);
     configure_socket(&stream, &svc, transport);
@@ -98,11 +108,9 @@ pub async fn serve(
     let tls = svc.tls().is_some();
     let mut conn = Connection {
         stream,
-        fd,
         peer,
         svc,
         handle,
-        shutdown,
         buf: BytesMut::new(),
         // Through TLS the layer counts from the handshake's baseline and reports plaintext.
         deliveries: Deliveries::new(if tls {
@@ -114,12 +122,18 @@ pub async fn serve(
         tls: None,
         plain_on_tls_port: false,
         transport,
+        _open: open,
+        _slot: slot,
     };
-    let end = match Box::pin(conn.start_tls(at_accept)).await {
-        Ok(()) => conn.run().await,
-        Err(end) => end,
-    };
-    Box::pin(conn.close(end)).await;
+    // The block uses `conn` where it was captured: an `async fn` taking it would hold it twice
+    // (its argument and the body's binding of it).
+    async move {
+        let end = match Box::pin(conn.start_tls()).await {
+            Ok(()) => conn.run().await,
+            Err(end) => end,
+        };
+        Box::pin(conn.close(end)).await;
+    }
 }
 
 /// Socket options, checked on both transports (Linux 6.18; `net/mptcp/sockopt.c`): on
@@ -149,66 +163,81 @@ fn configure_socket(stream: &TcpStream, svc: &Service, transport: sys::Transport
 }
 
 impl Connection {
+    fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Serves requests until the connection ends. The loop itself only waits for the next
+    /// head: everything a request does after that runs in one boxed future
+    /// ([`Connection::handle`]), so an idle connection's task is as small as that wait
+    /// (docs/benchmarks.md, memory per connection).
     async fn run(&mut self) -> Ending {
         let mut first = true;
         loop {
-            let req = match self.read_request(first).await {
-                Ok(req) => req,
-                Err(ReadEnd::End(end)) => return end,
-                Err(ReadEnd::Bad(err)) => {
-                    self.log_error(&err, None);
-                    let resp = respond::error_response(&err, false);
-                    let received = std::time::Instant::now();
-                    let line = self.access_line(None, received);
-                    return match Box::pin(self.send(resp, true, false, received, line)).await {
-                        Ok(()) => Ending::Done,
-                        Err(end) => end,
-                    };
-                }
-            };
-            let received = std::time::Instant::now();
+            let read = self.read_request(first).await;
             first = false;
-            if self.plain_on_tls_port {
-                let err = RequestError::PlainHttpOnTlsPort;
-                self.log_error(&err, Some(&req));
-                let resp = respond::error_response(&err, req.method == Method::Head);
-                let line = self.access_line(Some(&req), received);
-                return match Box::pin(self.send(resp, true, req.http10, received, line)).await {
-                    Ok(()) => Ending::Done,
-                    Err(end) => end,
-                };
-            }
-            // Confirm what earlier responses delivered before this request can read their
-            // records: only a request from the same client can (its sessions are keyed by its
-            // ID), so responses to other clients sharing the connection (a proxy, a load
-            // generator) are settled in batches instead of costing a TCP_INFO read each.
-            if self.deliveries.pending_count() >= SETTLE_BATCH || self.pending_for(&req.target) {
-                self.settle();
-            }
-            let head_only = req.method == Method::Head;
-            let deliveries = &self.deliveries;
-            let in_flight = |key| deliveries.written_end(key);
-            let decided =
-                Box::pin(respond::respond(&self.svc, &req, &self.handle, &in_flight)).await;
-            let (resp, close) = match decided {
-                Ok(resp) => (resp, !req.keep_alive),
-                Err(RequestError::TakenOver) => return Ending::TakenOver,
-                Err(err) => {
-                    self.log_error(&err, Some(&req));
-                    let close = !req.keep_alive || err.disposition().close;
-                    (respond::error_response(&err, head_only), close)
-                }
-            };
-            let close = close || self.shutdown.is_cancelled();
-            tracing::debug!(peer = %self.peer, target = %req.target, status = resp.head.status().code(), "response");
-            let line = self.access_line(Some(&req), received);
-            if let Err(end) = Box::pin(self.send(resp, close, req.http10, received, line)).await {
+            if let Some(end) = Box::pin(self.handle(read)).await {
                 return end;
             }
-            if close {
-                return Ending::Done;
-            }
         }
+    }
+
+    /// Answers one request (or the error reading it); `Some` ends the connection.
+    async fn handle(&mut self, read: Result<Request, ReadEnd>) -> Option<Ending> {
+        let req = match read {
+            Ok(req) => req,
+            Err(ReadEnd::End(end)) => return Some(end),
+            Err(ReadEnd::Bad(err)) => {
+                self.log_error(&err, None);
+                let resp = respond::error_response(&err, false);
+                let received = std::time::Instant::now();
+                let line = self.access_line(None, received);
+                return Some(match self.send(resp, true, false, received, line).await {
+                    Ok(()) => Ending::Done,
+                    Err(end) => end,
+                });
+            }
+        };
+        let received = std::time::Instant::now();
+        if self.plain_on_tls_port {
+            let err = RequestError::PlainHttpOnTlsPort;
+            self.log_error(&err, Some(&req));
+            let resp = respond::error_response(&err, req.method == Method::Head);
+            let line = self.access_line(Some(&req), received);
+            return Some(
+                match self.send(resp, true, req.http10, received, line).await {
+                    Ok(()) => Ending::Done,
+                    Err(end) => end,
+                },
+            );
+        }
+        // Confirm what earlier responses delivered before this request can read their
+        // records: only a request from the same client can (its sessions are keyed by its
+        // ID), so responses to other clients sharing the connection (a proxy, a load
+        // generator) are settled in batches instead of costing a TCP_INFO read each.
+        if self.deliveries.pending_count() >= SETTLE_BATCH || self.pending_for(&req.target) {
+            self.settle();
+        }
+        let head_only = req.method == Method::Head;
+        let deliveries = &self.deliveries;
+        let in_flight = |key| deliveries.written_end(key);
+        let decided = respond::respond(&self.svc, &req, &self.handle, &in_flight).await;
+        let (resp, close) = match decided {
+            Ok(resp) => (resp, !req.keep_alive),
+            Err(RequestError::TakenOver) => return Some(Ending::TakenOver),
+            Err(err) => {
+                self.log_error(&err, Some(&req));
+                let close = !req.keep_alive || err.disposition().close;
+                (respond::error_response(&err, head_only), close)
+            }
+        };
+        let close = close || self.handle.shutdown.is_cancelled();
+        tracing::debug!(peer = %self.peer, target = %req.target, status = resp.head.status().code(), "response");
+        let line = self.access_line(Some(&req), received);
+        if let Err(end) = self.send(resp, close, req.http10, received, line).await {
+            return Some(end);
+        }
+        close.then_some(Ending::Done)
     }
 
     /// The access log record for `req` (none for a head that could not be parsed), read at
@@ -245,7 +274,7 @@ impl Connection {
 
     /// The ending for a cancelled abort token: a shutdown or a takeover.
     fn cancelled(&self) -> Ending {
-        if self.shutdown.is_cancelled() {
+        if self.handle.shutdown.is_cancelled() {
             Ending::Shutdown
         } else {
             Ending::TakenOver
@@ -257,21 +286,26 @@ impl Connection {
     /// connection gets the header timeout). A shutdown ends an idle wait at once; a head that
     /// has started arriving is read to its end (within the header timeout) and answered.
     async fn read_request(&mut self, first: bool) -> Result<Request, ReadEnd> {
-        let cfg = self.svc.config();
-        let (header_timeout, idle_timeout, limits) =
-            (cfg.header_timeout, cfg.idle_timeout, cfg.limits);
-        let idle_deadline = Instant::now() + if first { header_timeout } else { idle_timeout };
+        // Settings are read where used, not copied into locals that would live in every idle
+        // connection's future.
+        let idle_deadline = Instant::now()
+            + if first {
+                self.svc.config().header_timeout
+            } else {
+                self.svc.config().idle_timeout
+            };
         let mut head_deadline = None;
         loop {
             if self.buf.is_empty() {
                 if self.buf.capacity() > 0 {
                     self.buf = BytesMut::new();
                 }
+                self.deliveries.release_buffers();
                 if let Some(tls) = &mut self.tls {
                     tls.release_buffers();
                 }
             } else {
-                match request::parse(&self.buf, &limits) {
+                match request::parse(&self.buf, &self.svc.config().limits) {
                     Ok(Some((req, n))) => {
                         self.buf.advance(n);
                         return Ok(req);
@@ -279,13 +313,14 @@ impl Connection {
                     Ok(None) => {}
                     Err(e) => return Err(ReadEnd::Bad(e)),
                 }
-                head_deadline.get_or_insert_with(|| Instant::now() + header_timeout);
+                head_deadline
+                    .get_or_insert_with(|| Instant::now() + self.svc.config().header_timeout);
             }
             let deadline = head_deadline.unwrap_or(idle_deadline);
             let waiting_for_acks = self.deliveries.unsettled();
             // At shutdown, a head already arriving is finished and answered; only a takeover
             // interrupts it.
-            let interruptible = head_deadline.is_none() || !self.shutdown.is_cancelled();
+            let interruptible = head_deadline.is_none() || !self.handle.shutdown.is_cancelled();
             // One timer for both the deadline and the settle tick (an idle connection's task
             // stays small: docs/benchmarks.md, memory per connection).
             let wake = if waiting_for_acks {
@@ -300,7 +335,9 @@ impl Connection {
                         return Err(ReadEnd::End(self.cancelled()));
                     }
                 }
-                ready = self.stream.readable() => {
+                // Through the socket's own reader slot rather than `readable()`, whose future
+                // carries a waiter node (150 bytes more in every idle connection's task).
+                ready = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
                     if let Err(e) = ready {
                         return Err(ReadEnd::End(Ending::from_io(e)));
                     }
@@ -388,7 +425,7 @@ impl Connection {
     /// The kernel's acknowledgement counter, in bytes of the stream `deliveries` counts: as
     /// read on a plain connection, turned into usable plaintext through TLS.
     fn ack_counter(&mut self) -> io::Result<AckCounter> {
-        let counter = sys::ack_counter_on(self.fd, self.transport)?;
+        let counter = sys::ack_counter_on(self.fd(), self.transport)?;
         Ok(match &mut self.tls {
             Some(tls) => tls.plaintext_counter(counter),
             None => counter,
@@ -398,10 +435,13 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    /// An idle connection costs its task's future (plus the socket). The future is as large as
-    /// its largest suspended state, so the states of a request in flight (deciding, sending,
-    /// closing, the TLS handshake) are boxed and the idle wait stays small: 3,120 bytes before
-    /// that, 1,568 after, 1,632 with the metrics' per-connection state (docs/benchmarks.md).
+    /// An idle connection costs its task's future (plus the socket's registration and its
+    /// cancellation token). The future is as large as its largest suspended state, so all a
+    /// request does after its head arrived runs boxed (`Connection::handle`), the TLS handshake
+    /// and the close too, and the wait for the next head stays small: 3,120 bytes, then 1,632,
+    /// now 648 (release) and 656 (this profile) (docs/benchmarks.md, memory per idle
+    /// connection). Tokio 1.54 allocates a task as the future plus 112 bytes, rounded up to
+    /// 128: up to 656 bytes that is 768; past it, 896 for every connection.
     #[test]
     fn an_idle_connections_future_stays_small() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -421,12 +461,19 @@ mod tests {
                 .await
                 .unwrap();
             let peer = c.local_addr().unwrap();
-            let fut = super::serve(c, peer, svc, tokio_util::sync::CancellationToken::new());
+            let fut = super::serve(
+                c,
+                peer,
+                svc,
+                tokio_util::sync::CancellationToken::new(),
+                None,
+            );
             let size = std::mem::size_of_val(&fut);
             println!("serve future: {size} bytes");
             assert!(
-                size <= 2048,
-                "the connection future grew to {size} bytes: box the new await state"
+                size <= 656,
+                "the connection future grew to {size} bytes: box the new await state, or read \
+                 what it keeps across the wait where it is used"
             );
         });
     }

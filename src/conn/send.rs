@@ -194,7 +194,7 @@ impl Connection {
         let lowat = self.svc.config().notsent_lowat;
         #[cfg(target_os = "linux")]
         if lowat > 0 {
-            if let Err(e) = sys::set_notsent_lowat(self.fd, lowat) {
+            if let Err(e) = sys::set_notsent_lowat(self.fd(), lowat) {
                 tracing::debug!(error = %e, "cannot set TCP_NOTSENT_LOWAT");
             }
         }
@@ -212,7 +212,7 @@ impl Connection {
         let stall_deadline = Instant::now() + self.svc.config().write_stall_timeout;
         // Past shutdown, a head or small body in progress is finished (only a takeover, which
         // cannot happen any more, would interrupt it).
-        let interruptible = stoppable || !self.shutdown.is_cancelled();
+        let interruptible = stoppable || !self.handle.shutdown.is_cancelled();
         loop {
             tokio::select! {
                 biased;
@@ -251,7 +251,7 @@ impl Connection {
             };
         }
         while !buf.is_empty() {
-            let fd = self.fd;
+            let fd = self.fd();
             let r = self.stream.try_io(Interest::WRITABLE, || {
                 #[cfg(target_os = "linux")]
                 if more {
@@ -293,7 +293,7 @@ impl Connection {
         // (scripts/mptcp-sendfile.py, docs/benchmarks.md). A connection that fell back to TCP
         // is a TCP socket again, and gets `sendfile`.
         #[cfg(target_os = "linux")]
-        if self.transport == sys::Transport::Mptcp && sys::mptcp_active(self.fd) {
+        if self.transport == sys::Transport::Mptcp && sys::mptcp_active(self.fd()) {
             return self.copy_loop(file, start, end, body).await;
         }
         #[cfg(target_os = "linux")]
@@ -396,7 +396,7 @@ impl Connection {
         let mut since_settle = 0u64;
         let mut warm_to = start;
         while pos < end {
-            let fd = self.fd;
+            let fd = self.fd();
             let want = usize::try_from(end - pos)
                 .unwrap_or(usize::MAX)
                 .min(SENDFILE_CHUNK);

@@ -7,7 +7,7 @@ use super::end::Ending;
 use super::progress::BodyId;
 use super::{Connection, Received};
 use crate::ops::metrics::TlsHandshake;
-use crate::sys::AckCounter;
+use crate::sys::{self, AckCounter};
 use crate::tls::conn::{Input, TlsLayer};
 use std::io::{self, Read};
 use tokio::net::TcpStream;
@@ -29,7 +29,7 @@ impl Connection {
     /// On an HTTPS listener: looks at the first byte (as nginx does) to tell a TLS ClientHello
     /// from a plain-HTTP request, then runs the handshake, both within the header timeout. A
     /// plain request is read and answered in cleartext with a `400`; anything else is closed.
-    pub(super) async fn start_tls(&mut self, at_accept: AckCounter) -> Result<(), Ending> {
+    pub(super) async fn start_tls(&mut self) -> Result<(), Ending> {
         if self.svc.tls().is_none() {
             return Ok(());
         }
@@ -56,6 +56,10 @@ impl Connection {
             handshakes.handshake(TlsHandshake::Failed);
             Ending::NetworkFailed(io::Error::other(e))
         })?;
+        // Nothing was written yet, so the counter reads as it did at accept (read here rather
+        // than kept from then: the idle connection's future stays smaller).
+        let at_accept =
+            sys::ack_counter_on(self.fd(), self.transport).unwrap_or(AckCounter::Unknown);
         self.tls = Some(Box::new(TlsLayer::new(session, at_accept)));
         let result = self.handshake(deadline).await;
         // Counted once a ClientHello's first byte arrived; a handshake stopped by a shutdown or
@@ -135,7 +139,7 @@ impl Connection {
                 // readiness is cleared now (as tokio's own `poll_read` does after a short
                 // read), so the next wait does not begin with a `recv` that finds nothing,
                 // one wasted system call per request. Readiness that a newer event set stays.
-                let (fd, buf) = (self.fd, &mut self.buf);
+                let (fd, buf) = (self.fd(), &mut self.buf);
                 let mut short = false;
                 let read = self.stream.try_io(tokio::io::Interest::READABLE, || {
                     let room = buf.capacity() - buf.len();
