@@ -275,12 +275,84 @@ fn a_client_moving_between_nodes_gets_exact_bytes() {
         return;
     }
     let redis = RedisServer::start();
+    moves_between_three_nodes(&redis.url());
+}
+
+/// The Redis user docs/DEPLOYMENT.md documents is enough: its `ACL SETUSER` line, read from
+/// the document, creates the user; three nodes log in as it and move a client between them
+/// (begins, takeovers over the stop channels, commits, heartbeats, the 416 at the end); the
+/// file is exact and Redis refused nothing (its `ACL LOG` stays empty).
+#[test]
+fn nodes_need_no_more_than_the_documented_redis_user() {
+    if !redis_or_skip() {
+        return;
+    }
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/DEPLOYMENT.md"))
+        .unwrap();
+    let line = doc
+        .lines()
+        .find_map(|l| l.strip_prefix("redis-cli ACL SETUSER roam "))
+        .expect("DEPLOYMENT.md gives the ACL line");
+    let password = "a-fleet-test-password";
+    let mut args = vec!["ACL".to_owned(), "SETUSER".to_owned(), "roam".to_owned()];
+    args.extend(
+        shell_words(line)
+            .into_iter()
+            .map(|a| a.replace("PASSWORD", password)),
+    );
+    let redis = RedisServer::start();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&args).as_deref(), Some("OK"), "{args:?}");
+    moves_between_three_nodes(&format!(
+        "redis://roam:{password}@127.0.0.1:{}/",
+        redis.port
+    ));
+    let refused = redis.cli(&["ACL", "LOG"]).unwrap_or_default();
+    assert!(
+        refused.trim().is_empty(),
+        "Redis refused commands of the documented user:\n{refused}"
+    );
+}
+
+/// Splits a command line as a POSIX shell does for single quotes and backslashes (all the
+/// documented line uses).
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => (quoted, any) = (!quoted, true),
+            '\\' if !quoted => {
+                word.extend(chars.next());
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            c => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(word);
+    }
+    words
+}
+
+/// A client moves across three nodes on `store` and back; every node starts exactly where
+/// the client's bytes end.
+fn moves_between_three_nodes(store: &str) {
     let root = Root::new();
     let data = pattern(32 * MIB, 1);
     root.file("big.bin", &data);
     let secret = Secret::new();
     let nodes: Vec<Node> = (0..3)
-        .map(|_| Node::start(root.path(), &redis.url(), &secret, PATIENT).joined())
+        .map(|_| Node::start(root.path(), store, &secret, PATIENT).joined())
         .collect();
     let id = nodes[0].mint();
     let target = format!("/{id}/big.bin");
