@@ -328,14 +328,15 @@ mod tests {
             );
         }
         assert_eq!(read, sent);
-        if !tls12 {
-            // The server's KeyUpdates (27-byte records: no chunk here is 5 bytes long) really
-            // were in the stream, in front of data.
+        // The server's KeyUpdates (27-byte records) really were in the stream, in front of
+        // data. A 5-byte chunk makes a record of the same size (TLS 1.3 hides the content
+        // type), so with one the records cannot be told apart and this check is skipped.
+        if !tls12 && !chunks.contains(&5) {
             let mut at = handshake;
             let mut key_updates = 0;
             while at < stream.len() {
                 let len = 5 + usize::from(u16::from_be_bytes([stream[at + 3], stream[at + 4]]));
-                key_updates += usize::from(len == 27 && !chunks.contains(&5));
+                key_updates += usize::from(len == 27);
                 at += len;
             }
             let expected = rekeys.iter().filter(|&&r| r < chunks.len()).count();
